@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make bench` (the main job) and `make test`.
+# The torch venv (~5.5 GB) lives outside the clone, in a cache dir keyed by the requirements,
+# so fresh clones reuse it; override with VENV=... or DK_CACHE=...
+SHELL := /bin/bash
+PYTHON ?= python3
+REQS := requirements/dev.txt
+DK_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/deltal-kernels
+VENV ?= $(DK_CACHE)/venv-$(shell cat $(REQS) | sha256sum | cut -c1-12)
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv install test bench clean
+venv: $(VENV)/.complete
+
+$(VENV)/.complete: $(REQS)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -r $(REQS)
+	touch $@
+
+# the package (and its compiled extension) installed editable from this clone
+install: venv
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m deltal_kernels.bench
+
+clean:
+	rm -rf build dist *.egg-info deltal_kernels/*.so

@@ -1,0 +1,11 @@
+"""deltal-kernels: the RLVR policy loss straight from the logits, with Delta-L aggregation."""
+from . import packing, reference
+from .aggregation import AGGREGATIONS, sequence_weights
+from .dispatch import available_backends
+from .loss import PolicyLoss, policy_loss
+from .output import PolicyLossOutput
+
+__version__ = "0.1.0"
+
+__all__ = ["AGGREGATIONS", "PolicyLoss", "PolicyLossOutput", "available_backends", "packing", "policy_loss",
+           "reference", "sequence_weights", "__version__"]

@@ -1,0 +1,95 @@
+"""Sequence weights w_i of SPEC section 1: loss = sum_i w_i * sum_{scored t in i} l_t.
+
+The normaliser statistics (sum_j L_j^-alpha, sum_j L_j, G) are over the whole optimizer batch.
+Pass ``group`` to all-reduce them over a torch.distributed process group; slice the result per
+micro-batch and hand it to ``policy_loss(weights=...)`` for gradient accumulation.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._checks import describe
+
+# canonical name -> aliases accepted for it
+AGGREGATIONS = {
+    "delta-l": ("delta-l", "delta_l", "deltal"),
+    "token-mean": ("token-mean", "dapo"),
+    "seq-mean-token-mean": ("seq-mean-token-mean", "grpo"),
+    "seq-mean-token-sum": ("seq-mean-token-sum",),
+    "seq-mean-token-sum-norm": ("seq-mean-token-sum-norm", "dr-grpo", "dr_grpo"),
+}
+_CANONICAL = {alias: name for name, aliases in AGGREGATIONS.items() for alias in aliases}
+NEEDS_MAX_LEN = frozenset({"delta-l", "seq-mean-token-sum-norm"})
+
+
+def canonical_agg(agg: str) -> str:
+    """The canonical aggregation name for ``agg`` or one of its aliases."""
+    if not isinstance(agg, str) or agg not in _CANONICAL:
+        raise ValueError(f"agg: unknown aggregation {agg!r}; expected one of {sorted(_CANONICAL)}")
+    return _CANONICAL[agg]
+
+
+def check_agg_options(agg: str, alpha: float, max_len) -> str:
+    """Validate the aggregation options (SPEC section 3); returns the canonical agg name."""
+    name = canonical_agg(agg)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    if name in NEEDS_MAX_LEN:
+        if max_len is None:
+            raise ValueError(f"max_len: agg={agg!r} needs max_len (the rollout's maximum response length)")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0):
+        raise ValueError(f"max_len: expected a positive int, got {max_len!r}")
+    return name
+
+
+def sequence_weights(lengths: torch.Tensor, agg: str = "delta-l", *, alpha: float = 1.0,
+                     max_len: int | None = None, group=None, grad_reduction: str = "mean",
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-sequence weights w_i ([S] float32) of the aggregation ``agg`` (SPEC section 1).
+
+    lengths: [S] integer tensor, the scored-token count L_i of each of this rank's sequences.
+    Sequences with L_i = 0 get weight 0 and count nowhere (not in G, not in the sums).
+    group: a torch.distributed process group; the statistics are all-reduced over it so the
+    weights are those of the formula over every rank's sequences. grad_reduction="mean" (DDP and
+    FSDP average gradients over ranks) then multiplies the weights by the group's size; "sum" does
+    not. Without a group there is no scaling. The arithmetic is float64; ``dtype`` is the result's.
+    """
+    name = check_agg_options(agg, alpha, max_len)
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1:
+        raise ValueError(f"lengths: expected a 1-D integer tensor, got {describe(lengths)}")
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"lengths: expected an integer dtype, got {lengths.dtype}")
+    if grad_reduction not in ("mean", "sum"):
+        raise ValueError(f"grad_reduction: expected 'mean' or 'sum', got {grad_reduction!r}")
+    if not torch.compiler.is_compiling() and bool((lengths < 0).any()):
+        raise ValueError("lengths: expected non-negative lengths")
+
+    L = lengths.to(torch.float64)
+    live = L > 0
+    L_safe = torch.where(live, L, torch.ones_like(L))
+    inv_pow = torch.where(live, L_safe.pow(-alpha), torch.zeros_like(L))
+    # the three normaliser statistics, all-reduced together as one tensor
+    stats = torch.stack([inv_pow.sum(), L.sum(), live.sum().to(torch.float64)])
+    world = 1
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        world = dist.get_world_size(group) if grad_reduction == "mean" else 1
+    sum_inv_pow, sum_len, num_live = stats.unbind()
+
+    def safe(x):  # a batch with no scored row: every weight is 0, never NaN
+        return torch.where(x > 0, x, torch.ones_like(x))
+
+    if name == "delta-l":
+        w = inv_pow / (max_len * safe(sum_inv_pow))
+    elif name == "token-mean":
+        w = torch.ones_like(L) / safe(sum_len)
+    elif name == "seq-mean-token-mean":
+        w = 1.0 / (safe(num_live) * L_safe)
+    elif name == "seq-mean-token-sum":
+        w = torch.ones_like(L) / safe(num_live)
+    else:  # seq-mean-token-sum-norm (Dr. GRPO)
+        w = torch.ones_like(L) / (safe(num_live) * max_len)
+    w = torch.where(live, w * world, torch.zeros_like(w))
+    return w.to(dtype)

@@ -1,0 +1,159 @@
+"""Backend choice, the torch.library ops every backend plugs into, and their autograd.
+
+The row contract. A backend is a module with three functions:
+
+``unavailable_reason(device) -> str | None``
+    None when the backend can run tensors on ``device``, else why not (shown in errors).
+
+``forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy)``
+    logits [N, V] contiguous (its own dtype); targets [N] int64; scored [N] bool; old_logprobs,
+    ref_logprobs (or None), advantages: [N] in the compute dtype (float32, or float64 for float64
+    logits), zero on unscored rows; params: ``validation.LossParams``. Returns, all [N]:
+    logp, entropy (0 unless need_entropy), lse (of x/tau), loss (l_t, unweighted), dlogp
+    (dl_t/dlogp_t), kl (0 without a KL term) in the compute dtype, and flags (uint8, bit 0:
+    clipped, bit 1: dual clip active); every one of them 0 on unscored rows, which do no V work.
+
+``grad_rows(logits, targets, lse, entropy, g, h, temperature, out)``
+    Writes dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau into ``out`` [N, V] (the
+    logits' dtype; ``out`` may be ``logits`` itself), with g = dL/dlogp_t and h = dL/dH_t per row;
+    rows where both are 0 get exact zeros without reading the logits.
+
+The weighted sum to the scalar loss and the metrics are [N]-sized torch ops on those outputs, so
+every backend shares one deterministic reduction.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .validation import LossParams
+
+# backend name -> module implementing the row contract
+BACKEND_MODULES = {
+    "cuda": "deltal_kernels.extension",
+    "cpu": "deltal_kernels.extension",
+    "triton": "deltal_kernels.triton",
+    "torch": "deltal_kernels.torch_backend",
+}
+# the order "auto" tries them, per device type
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch", "triton")}
+# a compiled backend only serves its own device type
+BACKEND_DEVICE = {"cuda": "cuda", "cpu": "cpu"}
+
+
+def _load(name: str):
+    return importlib.import_module(BACKEND_MODULES[name])
+
+
+def unavailable_reason(name: str, device) -> Optional[str]:
+    """None when ``name`` can run tensors on ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"backend: unknown backend {name!r}; expected 'auto' or one of {sorted(BACKEND_MODULES)}")
+    want = BACKEND_DEVICE.get(name)
+    if want is not None and device.type != want:
+        return f"backend {name!r} runs {want} tensors only, these are on {device}"
+    try:
+        module = _load(name)
+    except ImportError as e:
+        return f"backend {name!r} is not available: {e}"
+    return module.unavailable_reason(device)
+
+
+def available_backends(device="cpu") -> list:
+    """The backends usable for tensors on ``device``, in the order backend="auto" tries them."""
+    device = torch.device(device)
+    order = AUTO_ORDER.get(device.type, ("torch",))
+    return [name for name in order if unavailable_reason(name, device) is None]
+
+
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing, not in the graph
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run; asking for one that cannot run here is an error, never a fallback."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected a string, got {backend!r}")
+    if backend == "auto":
+        names = available_backends(device)
+        if not names:
+            raise RuntimeError(f"backend: no backend can run tensors on {device}")
+        return names[0]
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise ValueError(f"backend: {reason}")
+    return backend
+
+
+# ---- torch.library ops: opaque to torch.compile, with fake implementations for tracing ----
+
+@torch.library.custom_op("deltal_kernels::rows_forward", mutates_args=())
+def rows_forward(backend: str, logits: Tensor, targets: Tensor, scored: Tensor, old_logprobs: Tensor,
+                 ref_logprobs: Optional[Tensor], advantages: Tensor, clip_low: float, clip_high: float,
+                 dual_clip: float, kl_coef: float, kl_type: int, entropy_coef: float, temperature: float,
+                 need_entropy: bool, inplace_backward: bool
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    params = LossParams(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature)
+    return tuple(_load(backend).forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages,
+                                             params, need_entropy))
+
+
+@rows_forward.register_fake
+def _(backend, logits, targets, scored, old_logprobs, ref_logprobs, advantages, clip_low, clip_high, dual_clip,
+      kl_coef, kl_type, entropy_coef, temperature, need_entropy, inplace_backward):
+    row = lambda: torch.empty_like(old_logprobs)  # noqa: E731
+    return row(), row(), row(), row(), row(), row(), torch.empty_like(scored, dtype=torch.uint8)
+
+
+@torch.library.custom_op("deltal_kernels::rows_grad", mutates_args=())
+def rows_grad(backend: str, logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, g: Tensor,
+              h: Tensor, temperature: float) -> Tensor:
+    out = torch.empty_like(logits)
+    _load(backend).grad_rows(logits, targets, lse, entropy, g, h, temperature, out)
+    return out
+
+
+@rows_grad.register_fake
+def _(backend, logits, targets, lse, entropy, g, h, temperature):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("deltal_kernels::rows_grad_", mutates_args=("logits",))
+def rows_grad_(backend: str, logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, g: Tensor,
+               h: Tensor, temperature: float) -> None:
+    _load(backend).grad_rows(logits, targets, lse, entropy, g, h, temperature, logits)
+
+
+@rows_grad_.register_fake
+def _(backend, logits, targets, lse, entropy, g, h, temperature):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    backend, logits, targets = inputs[0], inputs[1], inputs[2]
+    logp, entropy, lse, loss, dlogp, kl, flags = output
+    ctx.mark_non_differentiable(logp, entropy, lse, dlogp, kl, flags)
+    ctx.save_for_backward(logits, targets, lse, entropy, dlogp)
+    ctx.backend = backend
+    ctx.entropy_coef = inputs[12]
+    ctx.temperature = inputs[13]
+    ctx.inplace = inputs[15]
+
+
+def _backward(ctx, d_logp, d_entropy, d_lse, d_loss, d_dlogp, d_kl, d_flags):
+    logits, targets, lse, entropy, dlogp = ctx.saved_tensors
+    if d_loss is None:
+        d_loss = torch.zeros_like(dlogp)
+    g = d_loss * dlogp
+    h = d_loss * -ctx.entropy_coef
+    if ctx.inplace:  # the gradient overwrites the logits' own storage: no [N, V] allocation
+        rows_grad_(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
+        grad = logits
+    else:
+        grad = rows_grad(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
+    return (None, grad) + (None,) * 14
+
+
+torch.library.register_autograd("deltal_kernels::rows_forward", _backward, setup_context=_setup_context)
+

@@ -1,0 +1,77 @@
+"""The public loss: ``policy_loss`` and the ``PolicyLoss`` module (SPEC section 2)."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .dispatch import resolve_backend, rows_forward
+from .output import PolicyLossOutput, token_means
+from .validation import prepare
+
+
+def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask=None, ref_logprobs=None,
+                weights=None, agg="delta-l", alpha=1.0, max_len=None, clip_low=0.2, clip_high=0.2,
+                dual_clip=None, kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=1.0,
+                with_entropy=False, inplace_backward=False, backend="auto") -> PolicyLossOutput:
+    """RLVR policy loss over packed ragged sequences, straight from the logits (SPEC sections 1-2).
+
+    logits [N, V] (float32/float16/bfloat16; float64 on backend="torch"), targets [N], old_logprobs
+    [N], advantages [N] per row or [S] per sequence (a length-N tensor is per row, also when
+    N == S), cu_seqlens [S+1]. ``weights`` [S] overrides ``agg``: pass weights computed for the
+    whole optimizer batch (``sequence_weights``) to each micro-batch. Returns a
+    ``PolicyLossOutput`` whose ``loss`` is differentiable w.r.t. ``logits`` only.
+    """
+    b = prepare(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
+                ref_logprobs=ref_logprobs, weights=weights, agg=agg, alpha=alpha, max_len=max_len,
+                clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type,
+                entropy_coef=entropy_coef, temperature=temperature, with_entropy=with_entropy)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
+    if inplace_backward and b.logits is not logits:
+        raise ValueError("inplace_backward: needs contiguous logits (the gradient is written into their storage)")
+    name = resolve_backend(backend, logits.device)
+    if name != "torch" and logits.dtype == torch.float64:
+        raise TypeError(f"logits: backend {name!r} takes float32, float16 or bfloat16 logits; "
+                        "float64 runs on backend='torch'")
+    p = b.params
+    logp, entropy, _, loss_rows, _, kl, flags = rows_forward(
+        name, b.logits, b.targets, b.scored, b.old_logprobs, b.ref_logprobs, b.advantages, p.clip_low,
+        p.clip_high, p.dual_clip, p.kl_coef, p.kl_type, p.entropy_coef, p.temperature, b.need_entropy,
+        inplace_backward)
+    # one deterministic [N]-sized reduction, shared by every backend
+    loss = (b.row_weights * loss_rows).sum()
+    dtype = logp.dtype
+    metrics = token_means(
+        b.scored,
+        clipfrac=(flags & 1).to(dtype),
+        clipfrac_lower=((flags & 2) != 0).to(dtype),
+        approx_kl=b.old_logprobs - logp,  # both 0 on unscored rows
+        kl=kl if b.ref_logprobs is not None else None,
+        entropy=entropy if b.need_entropy else None,
+    )
+    return PolicyLossOutput(loss=loss, logprobs=logp.detach(), entropy=entropy.detach() if b.need_entropy else None,
+                            metrics=metrics)
+
+
+_OPTION_NAMES = {name for name, param in inspect.signature(policy_loss).parameters.items()
+                 if param.kind is inspect.Parameter.KEYWORD_ONLY} - {"loss_mask", "ref_logprobs", "weights"}
+
+
+class PolicyLoss(torch.nn.Module):
+    """``policy_loss`` as a module: options at construction, tensors in ``forward``."""
+
+    def __init__(self, **options):
+        super().__init__()
+        unknown = set(options) - _OPTION_NAMES
+        if unknown:
+            raise TypeError(f"PolicyLoss: unknown options {sorted(unknown)}; expected some of {sorted(_OPTION_NAMES)}")
+        self.options = options
+
+    def forward(self, logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask=None,
+                ref_logprobs=None, weights=None) -> PolicyLossOutput:
+        return policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
+                           ref_logprobs=ref_logprobs, weights=weights, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

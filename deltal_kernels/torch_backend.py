@@ -1,0 +1,117 @@
+"""backend="torch": the row contract of ``dispatch`` in PyTorch ops, chunked over rows.
+
+It never holds more than a chunk of rows in float32, and it computes the derivatives explicitly
+(as the kernels do) rather than through autograd, so it doubles as the readable template of what
+every compiled backend computes per row. ``row_terms`` is the per-row epilogue shared by every
+backend written in Python (the compiled backends carry the same formulas in their kernels).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .reference import K3_CLAMP, LOG_RATIO_CLAMP
+from .validation import LossParams
+
+# rows per chunk: about 2^25 elements of float32 per [rows, V] temporary
+CHUNK_ELEMENTS = 1 << 25
+
+FLAG_CLIPPED = 1  # pg_t took the clipped branch
+FLAG_DUAL_CLIPPED = 2  # the dual clip bound was active
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    return None  # runs wherever PyTorch runs
+
+
+def _chunks(n: int, V: int):
+    step = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+def row_terms(logp, entropy, old, ref, adv, p: LossParams):
+    """Per-row loss l_t, dl_t/dlogp_t, kl_t and flags from logp_t and H_t (SPEC section 1).
+
+    Derivatives follow autograd's conventions on the reference: a clamp passes the gradient on its
+    closed interval; where the clipped PPO branch is strictly larger, or the dual clip bound is
+    strictly smaller, the gradient is 0.
+    """
+    log_ratio = logp - old
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    dratio = torch.where(log_ratio.abs() <= LOG_RATIO_CLAMP, ratio, torch.zeros_like(ratio))
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - p.clip_low, 1.0 + p.clip_high)
+    clipped = pg_clipped > pg_unclipped
+    pg = torch.where(clipped, pg_clipped, pg_unclipped)
+    dpg = torch.where(clipped, torch.zeros_like(ratio), -adv * dratio)
+    dual = torch.zeros_like(clipped)
+    if p.dual_clip:
+        lower = -adv * p.dual_clip
+        dual = (adv < 0) & (pg > lower)
+        pg = torch.where(dual, lower, pg)
+        dpg = torch.where(dual, torch.zeros_like(dpg), dpg)
+
+    kl = torch.zeros_like(logp)
+    dkl = torch.zeros_like(logp)
+    if p.kl_type == 1:
+        kl, dkl = logp - ref, torch.ones_like(logp)
+    elif p.kl_type == 2:
+        kl, dkl = 0.5 * (logp - ref) ** 2, logp - ref
+    elif p.kl_type == 3:
+        diff = ref - logp
+        d = torch.clamp(diff, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        value = torch.exp(d) - d - 1.0
+        kl = torch.clamp(value, -K3_CLAMP, K3_CLAMP)
+        passes = (diff.abs() <= LOG_RATIO_CLAMP) & (value <= K3_CLAMP)
+        dkl = torch.where(passes, -(torch.exp(d) - 1.0), torch.zeros_like(d))
+
+    loss = pg + p.kl_coef * kl
+    if p.entropy_coef != 0.0:
+        loss = loss - p.entropy_coef * entropy
+    dlogp = dpg + p.kl_coef * dkl
+    flags = clipped.to(torch.uint8) * FLAG_CLIPPED + dual.to(torch.uint8) * FLAG_DUAL_CLIPPED
+    return loss, dlogp, kl, flags
+
+
+def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages, p: LossParams, need_entropy):
+    """The forward row contract (see ``dispatch.rows_forward``)."""
+    N, V = logits.shape
+    dtype = old_logprobs.dtype
+    logp = torch.zeros(N, dtype=dtype, device=logits.device)
+    entropy = torch.zeros_like(logp)
+    lse = torch.zeros_like(logp)
+    rows = scored.nonzero().squeeze(1)  # unscored rows do no V work
+    for start, end in _chunks(rows.numel(), V):
+        idx = rows[start:end]
+        z = logits[idx].to(dtype) / p.temperature
+        row_lse = torch.logsumexp(z, dim=-1)
+        lse[idx] = row_lse
+        logp[idx] = z.gather(1, targets[idx, None]).squeeze(1) - row_lse
+        if need_entropy:
+            probs = torch.exp(z - row_lse[:, None])
+            entropy[idx] = row_lse - (probs * z).sum(-1)
+    loss, dlogp, kl, flags = row_terms(logp, entropy, old_logprobs, ref_logprobs, advantages, p)
+    zero = torch.zeros((), dtype=dtype, device=logits.device)
+    return (logp, entropy, lse, torch.where(scored, loss, zero), torch.where(scored, dlogp, zero),
+            torch.where(scored, kl, zero), torch.where(scored, flags, torch.zeros_like(flags)))
+
+
+def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
+    """The gradient row contract (see ``dispatch.rows_grad``): writes dL/dlogits into ``out``.
+
+    dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau; ``out`` may be ``logits`` itself.
+    """
+    N, V = logits.shape
+    dtype = g.dtype
+    for start, end in _chunks(N, V):
+        z = logits[start:end].to(dtype) / temperature
+        log_p = z - lse[start:end, None]
+        probs = torch.exp(log_p)
+        gc, hc = g[start:end, None], h[start:end, None]
+        grad = -gc * probs
+        grad.scatter_add_(1, targets[start:end, None], gc)
+        grad -= hc * probs * (log_p + entropy[start:end, None])
+        active = (gc != 0) | (hc != 0)  # untouched rows are exact zeros whatever their logits hold
+        out[start:end] = torch.where(active, grad / temperature, torch.zeros_like(grad)).to(out.dtype)

@@ -1,0 +1,163 @@
+"""Argument checks of SPEC section 3 and the row-level view of a packed batch.
+
+Every backend (and the reference) goes through ``prepare``: nothing reaches a kernel before the
+shapes, dtypes, devices and values are known to be valid.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._checks import describe, is_number
+from .aggregation import check_agg_options, sequence_weights
+from .packing import scored_lengths, sequence_ids
+
+KL_TYPES = {"k1": 1, "kl": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
+LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class LossParams(NamedTuple):
+    """The scalar options of the per-row loss term, as the kernels take them."""
+    clip_low: float
+    clip_high: float
+    dual_clip: float  # 0.0: off
+    kl_coef: float
+    kl_type: int  # 0: no KL term (no ref_logprobs), 1/2/3: k1/k2/k3
+    entropy_coef: float
+    temperature: float
+
+
+class Batch(NamedTuple):
+    """A validated packed batch, seen row by row (unscored rows hold zeros in every row input)."""
+    logits: torch.Tensor  # [N, V], contiguous, its own dtype
+    targets: torch.Tensor  # [N] int64
+    scored: torch.Tensor  # [N] bool
+    old_logprobs: torch.Tensor  # [N] compute dtype
+    ref_logprobs: Optional[torch.Tensor]  # [N] compute dtype, or None
+    advantages: torch.Tensor  # [N] compute dtype, per row
+    row_weights: torch.Tensor  # [N] compute dtype: w_i of the row's sequence, 0 where unscored
+    params: LossParams
+    need_entropy: bool
+
+
+def compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 logits, float64 for float64 logits."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _check_tensor(name, x, *, shape, dtypes, device, kind="float"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {describe(x)}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {describe(x)}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name}: expected a {kind} dtype ({', '.join(map(str, dtypes))}), got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the logits' device), got one on {x.device}")
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDICES = (torch.int32, torch.int64)
+_MASKS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_options(*, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature,
+                  has_ref: bool) -> LossParams:
+    if not is_number(clip_low) or not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"clip_low: expected a number in [0, 1), got {clip_low!r}")
+    if not is_number(clip_high) or not clip_high >= 0.0:
+        raise ValueError(f"clip_high: expected a number >= 0, got {clip_high!r}")
+    if dual_clip is not None and (not is_number(dual_clip) or not dual_clip > 1.0):
+        raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
+    if not is_number(kl_coef) or kl_coef != kl_coef:
+        raise ValueError(f"kl_coef: expected a number, got {kl_coef!r}")
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"kl_type: expected one of {sorted(KL_TYPES)}, got {kl_type!r}")
+    if kl_coef != 0.0 and not has_ref:
+        raise ValueError("ref_logprobs: kl_coef != 0 needs ref_logprobs")
+    if not is_number(entropy_coef) or entropy_coef != entropy_coef:
+        raise ValueError(f"entropy_coef: expected a number, got {entropy_coef!r}")
+    if not is_number(temperature) or not temperature > 0.0 or temperature == float("inf"):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return LossParams(float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef),
+                      KL_TYPES[kl_type] if has_ref else 0, float(entropy_coef), float(temperature))
+
+
+def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask, ref_logprobs, weights,
+            agg, alpha, max_len, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef,
+            temperature, with_entropy) -> Batch:
+    """Check every argument (SPEC section 3) and build the row-level view of the batch."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a tensor, got {describe(logits)}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits: expected shape [N, V], got {describe(logits)}")
+    if logits.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"logits: expected float32, float16, bfloat16 or float64, got {logits.dtype}")
+    N, V = logits.shape
+    if V == 0:
+        raise ValueError("logits: the vocabulary dimension V is 0")
+    dev = logits.device
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens: expected a 1-D tensor [S+1], got {describe(cu_seqlens)}")
+    S = cu_seqlens.numel() - 1
+    _check_tensor("cu_seqlens", cu_seqlens, shape=(S + 1,), dtypes=_INDICES, device=dev, kind="int32/int64")
+    _check_tensor("targets", targets, shape=(N,), dtypes=_INDICES, device=dev, kind="int32/int64")
+    _check_tensor("old_logprobs", old_logprobs, shape=(N,), dtypes=_FLOATS, device=dev)
+    if ref_logprobs is not None:
+        _check_tensor("ref_logprobs", ref_logprobs, shape=(N,), dtypes=_FLOATS, device=dev)
+    if not isinstance(advantages, torch.Tensor) or advantages.dim() != 1 or advantages.shape[0] not in (N, S):
+        raise ValueError(f"advantages: expected shape [N]={N} (per row) or [S]={S} (per sequence), "
+                         f"got {describe(advantages)}")
+    _check_tensor("advantages", advantages, shape=advantages.shape, dtypes=_FLOATS, device=dev)
+    if loss_mask is not None:
+        _check_tensor("loss_mask", loss_mask, shape=(N,), dtypes=_MASKS, device=dev, kind="bool")
+    if weights is not None:
+        _check_tensor("weights", weights, shape=(S,), dtypes=_FLOATS, device=dev)
+    else:
+        check_agg_options(agg, alpha, max_len)
+    params = check_options(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                           kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature,
+                           has_ref=ref_logprobs is not None)
+    if not isinstance(with_entropy, bool):
+        raise TypeError(f"with_entropy: expected a bool, got {with_entropy!r}")
+
+    # value checks need the data; under torch.compile they would break the graph, so they run eagerly only
+    if not torch.compiler.is_compiling():
+        cu = cu_seqlens.to(torch.int64)
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens: must start at 0, starts at {int(cu[0])}")
+        if S > 0 and bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError("cu_seqlens: must be non-decreasing")
+        if int(cu[-1]) != N:
+            raise ValueError(f"cu_seqlens: must end at N={N} (the number of logits rows), ends at {int(cu[-1])}")
+        if N > 0 and bool(((targets < 0) | (targets >= V)).any()):
+            raise ValueError(f"targets: every target must lie in [0, V={V})")
+        if bool(advantages.isnan().any()):
+            raise ValueError("advantages: contain NaN")
+        if weights is not None and not bool(weights.isfinite().all()):
+            raise ValueError("weights: contain NaN or inf")
+
+    cd = compute_dtype(logits)
+    scored = torch.ones(N, dtype=torch.bool, device=dev) if loss_mask is None else loss_mask != 0
+    seq = sequence_ids(cu_seqlens, N)
+    if weights is None:
+        weights = sequence_weights(scored_lengths(cu_seqlens, scored), agg, alpha=alpha, max_len=max_len,
+                                   dtype=cd)
+    adv = advantages if advantages.shape[0] == N else advantages[seq]
+    zero = torch.zeros((), dtype=cd, device=dev)
+
+    def rows(x):  # a row input in the compute dtype, zero on unscored rows
+        return torch.where(scored, x.to(cd), zero)
+
+    return Batch(
+        logits=logits.contiguous(),
+        targets=targets.to(torch.int64).contiguous(),
+        scored=scored,
+        old_logprobs=rows(old_logprobs),
+        ref_logprobs=None if ref_logprobs is None else rows(ref_logprobs),
+        advantages=rows(adv),
+        row_weights=rows(weights[seq]),
+        params=params,
+        need_entropy=with_entropy or params.entropy_coef != 0.0,
+    )
