@@ -84,7 +84,7 @@ def assert_matches_reference(batch, backend, **options):
                                    msg=lambda m: f"{name} ({backend}, {dtype}): {m}")
 
     lp_scale = max(1.0, float(ref_out.logprobs.abs().max())) if ref_out.logprobs.numel() else 1.0
-    close("loss", out.loss.detach(), ref_out.loss, max(1.0, float(ref_out.loss.abs())))
+    close("loss", out.loss.detach(), ref_out.loss, max(1.0, float(ref_out.loss.detach().abs())))
     close("logprobs", out.logprobs, ref_out.logprobs, lp_scale)
     assert (out.entropy is None) == (ref_out.entropy is None)
     if out.entropy is not None:
