@@ -1,0 +1,188 @@
+// The per-row math of SPEC section 1, written once for the CPU and the CUDA kernels.
+//
+// Everything here is float32 and inline, __host__ __device__ under nvcc, so the CPU tests run the
+// same arithmetic (same formulas, same order of operations, same tie conventions) as the GPU.
+// deltal_kernels/torch_backend.py (row_terms, grad_rows) is the readable PyTorch template of it.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define DK_HD __host__ __device__ __forceinline__
+#else
+#define DK_HD inline
+#endif
+
+namespace deltal_kernels {
+
+constexpr float kLogRatioClamp = 20.0f;  // reference.LOG_RATIO_CLAMP
+constexpr float kK3Clamp = 10.0f;        // reference.K3_CLAMP
+
+constexpr uint8_t kFlagClipped = 1;      // pg_t took the clipped branch
+constexpr uint8_t kFlagDualClipped = 2;  // the dual clip bound was active
+
+DK_HD float dk_exp(float x) { return expf(x); }
+DK_HD float dk_log(float x) { return logf(x); }
+DK_HD float dk_clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+DK_HD float dk_abs(float x) { return fabsf(x); }
+
+// ---------------------------------------------------------------------------------------------
+// Online softmax statistics of a set of values z (one row of x / tau, or any part of it):
+//   m = max z,  s = sum exp(z - m),  u = sum exp(z - m) * (z - m)
+// from which lse = m + log s and the entropy H = log s - u / s. Parts are merged in any fixed
+// order (per thread, per warp, per block; per SIMD lane on the CPU) with softmax_merge.
+// An empty part is {-inf, 0, 0}; an element with exp(z - m) == 0 (e.g. z = -inf) adds nothing.
+// ---------------------------------------------------------------------------------------------
+struct SoftmaxStats {
+  float m;
+  float s;
+  float u;
+};
+
+DK_HD SoftmaxStats softmax_empty() { return {-INFINITY, 0.0f, 0.0f}; }
+
+// Re-express the statistics relative to a new maximum new_m >= st.m.
+DK_HD SoftmaxStats softmax_rescale(SoftmaxStats st, float new_m) {
+  if (st.m == -INFINITY) return {new_m, 0.0f, 0.0f};
+  const float d = st.m - new_m;  // <= 0
+  const float c = dk_exp(d);
+  return {new_m, st.s * c, c * (st.u + d * st.s)};
+}
+
+// Add one value z <= st.m (st.m already covers it).
+DK_HD void softmax_add(SoftmaxStats& st, float z) {
+  const float d = z - st.m;
+  const float e = dk_exp(d);
+  st.s += e;
+  st.u += e > 0.0f ? e * d : 0.0f;
+}
+
+// Add one value, raising the maximum first if needed.
+DK_HD void softmax_push(SoftmaxStats& st, float z) {
+  if (z > st.m) st = softmax_rescale(st, z);
+  softmax_add(st, z);
+}
+
+// Merge two parts. Symmetric: merge(a, b) and merge(b, a) give bitwise the same result, so a
+// butterfly (xor-shuffle) reduction leaves every lane with the same value.
+DK_HD SoftmaxStats softmax_merge(SoftmaxStats a, SoftmaxStats b) {
+  if (a.m < b.m) {
+    const SoftmaxStats t = a;
+    a = b;
+    b = t;
+  }
+  if (b.m == -INFINITY) return a;
+  const float d = b.m - a.m;  // <= 0
+  const float c = dk_exp(d);
+  return {a.m, a.s + c * b.s, a.u + c * (b.u + d * b.s)};
+}
+
+DK_HD float softmax_lse(SoftmaxStats st) { return st.m + dk_log(st.s); }
+DK_HD float softmax_entropy(SoftmaxStats st) { return dk_log(st.s) - st.u / st.s; }
+
+// ---------------------------------------------------------------------------------------------
+// The per-row epilogue: from logp_t and H_t to l_t, dl_t/dlogp_t, kl_t and the clip flags.
+// Derivatives follow autograd's conventions on the reference: a clamp passes the gradient on its
+// closed interval; where the clipped PPO branch is strictly larger, or the dual clip bound is
+// strictly smaller, the gradient is 0.
+// ---------------------------------------------------------------------------------------------
+struct RowParams {
+  float ratio_lo;      // 1 - clip_low
+  float ratio_hi;      // 1 + clip_high
+  float dual_clip;     // 0: off
+  float kl_coef;
+  float entropy_coef;
+  int kl_type;         // 0: none, 1: k1, 2: k2, 3: k3
+};
+
+struct RowTerms {
+  float loss;
+  float dlogp;
+  float kl;
+  uint8_t flags;
+};
+
+// exp(clamp(logp - old, -20, 20)) and its derivative w.r.t. logp (0 outside the closed interval)
+DK_HD void log_ratio_exp(float logp, float old, float& ratio, float& dratio) {
+  const float log_ratio = logp - old;
+  ratio = dk_exp(dk_clamp(log_ratio, -kLogRatioClamp, kLogRatioClamp));
+  dratio = dk_abs(log_ratio) <= kLogRatioClamp ? ratio : 0.0f;
+}
+
+// PPO clipped surrogate with optional dual clip; returns pg and writes dpg/dratio and flags.
+DK_HD float clipped_surrogate(float ratio, float dratio, float adv, const RowParams& p, float& dpg,
+                              uint8_t& flags) {
+  const float pg_unclipped = -adv * ratio;
+  const float pg_clipped = -adv * dk_clamp(ratio, p.ratio_lo, p.ratio_hi);
+  const bool clipped = pg_clipped > pg_unclipped;
+  float pg = clipped ? pg_clipped : pg_unclipped;
+  dpg = clipped ? 0.0f : -adv * dratio;
+  flags = clipped ? kFlagClipped : 0;
+  if (p.dual_clip != 0.0f) {
+    const float lower = -adv * p.dual_clip;
+    if (adv < 0.0f && pg > lower) {
+      pg = lower;
+      dpg = 0.0f;
+      flags |= kFlagDualClipped;
+    }
+  }
+  return pg;
+}
+
+// KL estimator kl_t (k1/k2/k3) and its derivative w.r.t. logp
+DK_HD float kl_term(float logp, float ref, int kl_type, float& dkl) {
+  if (kl_type == 1) {
+    dkl = 1.0f;
+    return logp - ref;
+  }
+  if (kl_type == 2) {
+    const float diff = logp - ref;
+    dkl = diff;
+    return 0.5f * (diff * diff);
+  }
+  if (kl_type == 3) {
+    const float diff = ref - logp;
+    const float d = dk_clamp(diff, -kLogRatioClamp, kLogRatioClamp);
+    const float ed = dk_exp(d);
+    const float value = ed - d - 1.0f;
+    const bool passes = dk_abs(diff) <= kLogRatioClamp && value <= kK3Clamp;
+    dkl = passes ? -(ed - 1.0f) : 0.0f;
+    return dk_clamp(value, -kK3Clamp, kK3Clamp);
+  }
+  dkl = 0.0f;
+  return 0.0f;
+}
+
+DK_HD RowTerms row_terms(float logp, float entropy, float old, float ref, float adv, const RowParams& p) {
+  RowTerms t;
+  float ratio, dratio, dpg, dkl;
+  log_ratio_exp(logp, old, ratio, dratio);
+  const float pg = clipped_surrogate(ratio, dratio, adv, p, dpg, t.flags);
+  t.kl = kl_term(logp, ref, p.kl_type, dkl);
+  float loss = pg + p.kl_coef * t.kl;
+  if (p.entropy_coef != 0.0f) loss = loss - p.entropy_coef * entropy;
+  t.loss = loss;
+  t.dlogp = dpg + p.kl_coef * dkl;
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The logits gradient of one element: dL/dx_j = (g * (onehot_j - p_j) - h * p_j * (log p_j + H)) / tau
+// with log p_j = z_j - lse; written in the order torch_backend.grad_rows evaluates it. The
+// entropy factor p * (log p + H) is 0 where p underflows to 0 (also for z = -inf).
+// ---------------------------------------------------------------------------------------------
+DK_HD float entropy_grad_factor(float p, float log_p, float entropy) {
+  return p > 0.0f ? p * (log_p + entropy) : 0.0f;
+}
+
+// log_p = z_j - lse and p = exp(log_p) come from the caller (its own exp: expf on the GPU, the
+// vectorised polynomial on the CPU).
+DK_HD float logit_grad(float log_p, float p, bool is_target, float entropy, float g, float h, float inv_tau) {
+  float grad = -g * p;
+  if (is_target) grad += g;
+  grad -= h * entropy_grad_factor(p, log_p, entropy);
+  return grad * inv_tau;
+}
+
+}  // namespace deltal_kernels
