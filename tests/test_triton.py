@@ -1,0 +1,280 @@
+"""What is specific to backend="triton" (the shared conformance matrix is tests/test_backends.py).
+
+Without a GPU these run on Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+so shapes stay small; on a CUDA machine the same tests run the compiled kernels.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import deltal_kernels as dk
+from deltal_kernels import dispatch, torch_backend
+from deltal_kernels.validation import LossParams
+
+from cases import device_for, make_batch, run
+
+DEVICE = device_for("triton")
+_reason = dispatch.unavailable_reason("triton", DEVICE)
+pytestmark = pytest.mark.skipif(_reason is not None, reason=str(_reason))
+
+if _reason is None:
+    import triton
+    import triton.language as tl
+
+    import deltal_kernels.triton as dtr
+    from deltal_kernels.triton import logprob_loss as kernels
+
+PARAMS = LossParams(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.1, kl_type=3, entropy_coef=0.01,
+                    temperature=0.8)
+ROW_NAMES = ("logp", "entropy", "lse", "loss", "dlogp", "kl", "flags")
+
+
+def row_inputs(batch):
+    """The row contract's inputs, as dispatch builds them (zeros on unscored rows)."""
+    scored = batch["loss_mask"]
+    zero = torch.zeros((), device=scored.device)
+    rows = lambda x: torch.where(scored, x.float(), zero)  # noqa: E731
+    return (batch["targets"], scored, rows(batch["old_logprobs"]), rows(batch["ref_logprobs"]),
+            rows(batch["advantages"]))
+
+
+def assert_rows_close(got, want, rtol=2e-5, atol=2e-5):
+    for name, a, b in zip(ROW_NAMES, got, want):
+        if name == "flags":
+            assert torch.equal(a.cpu(), b.cpu()), name
+        else:
+            torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------- block sizes (no kernel runs)
+
+@pytest.mark.parametrize("itemsize", [4, 2], ids=["fp32", "16bit"])
+@pytest.mark.parametrize("V", [1000, 1024, 4096, 8192, 32000, 32003, 50257, 65536, 128256, 129920, 151936,
+                               200064, 256000, 262144])
+def test_block_config_vocab_1k_to_256k(V, itemsize):
+    block, num_warps = dtr.block_config(V, itemsize)
+    assert block & (block - 1) == 0, "tl.arange needs a power of two"
+    assert block * itemsize <= dtr.CHUNK_BYTES  # 16 KiB of logits per iteration: bounded registers
+    assert block >= min(triton.next_power_of_2(V), dtr.CHUNK_BYTES // itemsize)  # a row that fits is one pass
+    iterations = -(-V // block)
+    assert iterations <= 64  # 256k fp32: 64 iterations of 4096
+    assert num_warps & (num_warps - 1) == 0 and 1 <= num_warps <= 16
+    per_thread = block // (32 * num_warps)
+    assert per_thread * itemsize >= 16, "each thread loads at least one 128-bit vector"
+    assert per_thread <= 16  # registers: 16 fp32 values per thread per live [BLOCK] tensor
+
+
+@pytest.mark.parametrize("V", [1, 2, 3, 17, 100])
+def test_block_config_tiny_vocab(V):
+    block, num_warps = dtr.block_config(V, 2)
+    assert block >= V and block & (block - 1) == 0 and num_warps == 1
+
+
+def test_block_config_is_a_pure_function():
+    # determinism: the reduction order follows from (V, dtype) alone, no autotuning
+    assert all(dtr.block_config(151936, 2) == dtr.block_config(151936, 2) for _ in range(3))
+    with pytest.raises(ValueError, match="V"):
+        dtr.block_config(0, 4)
+
+
+# ---------------------------------------------------------------- row kernels vs the torch template
+
+@pytest.mark.parametrize("V", [1, 3, 17, 4097, 8193])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_rows_match_torch_template_any_vocab(V, dtype):
+    """V below, at and just over a block (masked tail of 1 element), in every dtype."""
+    batch = make_batch([3, 2], V, dtype=dtype, device=DEVICE, seed=11, mask_frac=0.3)
+    logits = batch["logits"]
+    inputs = row_inputs(batch)
+    got = dtr.forward_rows(logits, *inputs, PARAMS, True)
+    want = torch_backend.forward_rows(logits, *inputs, PARAMS, True)
+    assert_rows_close(got, want)
+    g = torch.linspace(-1.0, 1.0, logits.shape[0], device=DEVICE) * inputs[1]
+    h = torch.full_like(g, 0.3) * inputs[1]
+    out = torch.empty_like(logits)
+    dtr.grad_rows(logits, inputs[0], got[2], got[1], g, h, PARAMS.temperature, out)
+    expected = torch.empty_like(logits)
+    torch_backend.grad_rows(logits, inputs[0], want[2], want[1], g, h, PARAMS.temperature, expected)
+    ulp = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    torch.testing.assert_close(out.float().cpu(), expected.float().cpu(), rtol=ulp + 1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_gradient_is_the_rounded_float32_gradient(dtype):
+    """The 16-bit gradient is the float32 gradient rounded to nearest even (on the GPU the hardware
+    conversion; under the interpreter, whose bfloat16 cast truncates, the kernel's own rounding)."""
+    batch = make_batch([4, 3], 3000, dtype=dtype, device=DEVICE, seed=12, mask_frac=0.0)
+    logits = batch["logits"]
+    inputs = row_inputs(batch)
+    rows = dtr.forward_rows(logits, *inputs, PARAMS, True)
+    g = torch.linspace(-2.0, 2.0, logits.shape[0], device=DEVICE)
+    h = torch.full_like(g, -0.5)
+    half = torch.empty_like(logits)
+    dtr.grad_rows(logits, inputs[0], rows[2], rows[1], g, h, PARAMS.temperature, half)
+    full = torch.empty(logits.shape, dtype=torch.float32, device=DEVICE)
+    dtr.grad_rows(logits.float(), inputs[0], rows[2], rows[1], g, h, PARAMS.temperature, full)
+    assert torch.equal(half.cpu(), full.to(dtype).cpu())
+
+
+if _reason is None:
+    @triton.jit
+    def _round_kernel(x_ptr, y_ptr, n, BF16_BY_HAND: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(y_ptr + offs, kernels._round_to(x, y_ptr.dtype.element_ty, BF16_BY_HAND), mask=offs < n)
+
+
+@pytest.mark.parametrize("by_hand", [True, False], ids=["by-hand", "hardware"])
+def test_bfloat16_rounding_edge_cases(by_hand):
+    if not by_hand and dtr.INTERPRETED:
+        pytest.skip("the interpreter's own float32 -> bfloat16 cast truncates; the kernels round by hand there")
+    one = 1.0
+    values = [0.0, -0.0, one, -one, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-8 + 2**-20,  # ties to even, above tie
+              2.0 - 2**-9, 4.0 - 2**-8,  # carry into the exponent (odd and even exponent)
+              3.3895313892515355e38, float("inf"), float("-inf"), 1e-40, -1e-42, 123.456, -7.77e-3]
+    x = torch.tensor(values, dtype=torch.float32, device=DEVICE)
+    y = torch.empty(len(values), dtype=torch.bfloat16, device=DEVICE)
+    _round_kernel[(1,)](x, y, len(values), BF16_BY_HAND=by_hand, BLOCK=32)
+    assert torch.equal(y.cpu(), x.cpu().to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------- rows, grid and offsets
+
+def test_unscored_rows_are_never_read():
+    """Unscored rows do no V work: NaN logits there change nothing and get exact zeros."""
+    batch = make_batch([3, 4], 700, device=DEVICE, seed=13, mask_frac=0.4)
+    mask = batch["loss_mask"]
+    assert mask.any() and not mask.all()
+    clean, clean_grad = run(dk.policy_loss, batch, backend="triton", max_len=8, entropy_coef=0.01)
+    batch["logits"][~mask] = float("nan")
+    out, grad = run(dk.policy_loss, batch, backend="triton", max_len=8, entropy_coef=0.01)
+    assert torch.equal(out.loss, clean.loss) and torch.equal(grad, clean_grad)
+    assert not grad[~mask].any() and torch.isfinite(grad).all()
+
+
+def test_grid_stride_loop_over_rows(monkeypatch):
+    """Fewer programs than rows (what N > MAX_PROGRAMS does): bitwise the same results."""
+    batch = make_batch([0, 5, 1, 0, 4], 500, dtype=torch.bfloat16, device=DEVICE, seed=14)
+    one_per_row = run(dk.policy_loss, batch, backend="triton", max_len=8, entropy_coef=0.02, kl_coef=0.1)
+    monkeypatch.setattr(dtr, "MAX_PROGRAMS", 3)
+    strided = run(dk.policy_loss, batch, backend="triton", max_len=8, entropy_coef=0.02, kl_coef=0.1)
+    assert torch.equal(one_per_row[0].loss, strided[0].loss) and torch.equal(one_per_row[1], strided[1])
+    assert torch.equal(one_per_row[0].logprobs, strided[0].logprobs)
+
+
+def _strided_rows(V, row_stride, rows, dtype, device):
+    """A [rows, V] view whose rows lie row_stride elements apart in one buffer: the last row's offset
+    exceeds 2^31 elements while only rows * V elements are ever touched (the rest of the buffer is
+    virtual memory the OS never backs)."""
+    buf = torch.empty((rows - 1) * row_stride + V, dtype=dtype, device=device)
+    return buf.as_strided((rows, V), (row_stride, 1))
+
+
+def test_int64_row_offsets_through_the_row_stride():
+    """row * stride above 2^31 with an int32-sized stride: the offset arithmetic must be 64-bit.
+
+    Under the interpreter the buffer is ~4.3 GB of untouched host virtual memory; on a GPU it is a
+    real allocation, so there the test needs that much free device memory.
+    """
+    V, stride, rows, dtype = 300, 2**30 + 3, 3, torch.float16
+    if DEVICE == "cuda" and torch.cuda.mem_get_info()[0] < 2 * ((rows - 1) * stride + V) + (1 << 30):
+        pytest.skip("needs about 5 GB of free CUDA memory")
+    try:
+        logits = _strided_rows(V, stride, rows, dtype, DEVICE)
+    except RuntimeError as e:  # no overcommit on this host
+        pytest.skip(f"cannot reserve a {2 * ((rows - 1) * stride + V) / 2**30:.1f} GiB buffer: {e}")
+    assert logits.storage_offset() == 0 and (rows - 1) * logits.stride(0) > 2**31
+    batch = make_batch([rows], V, dtype=dtype, device=DEVICE, seed=15, mask_frac=0.0)
+    logits.copy_(batch["logits"])
+    inputs = row_inputs(batch)
+    got = dtr.forward_rows(logits, *inputs, PARAMS, True)
+    want = torch_backend.forward_rows(batch["logits"], *inputs, PARAMS, True)
+    assert_rows_close(got, want)
+    g = torch.tensor([0.5, -1.0, 2.0], device=DEVICE)
+    h = torch.tensor([0.1, 0.0, -0.2], device=DEVICE)
+    expected = torch.empty_like(batch["logits"])
+    dtr.grad_rows(batch["logits"], inputs[0], got[2], got[1], g, h, PARAMS.temperature, expected)
+    dtr.grad_rows(logits, inputs[0], got[2], got[1], g, h, PARAMS.temperature, logits)  # in place, strided
+    assert torch.equal(logits.cpu(), expected.cpu())
+
+
+@pytest.mark.bigmem
+@pytest.mark.cuda
+def test_64bit_offsets_n_times_v_above_2_31():
+    """A real [N, V] bf16 batch with N * V > 2^31 (the Qwen vocabulary, ~14.1k rows, 4.3 GB); the
+    scored rows sit past element 2^31 and are checked against the torch backend on their slice.
+    The gradient is written in place, so the test needs about 4.5 GB of free CUDA memory."""
+    if not torch.cuda.is_available():
+        pytest.skip("bigmem: needs a CUDA device with about 4.5 GB free (64-bit offset case)")
+    V = 151936
+    N = 2**31 // V + 3
+    need = N * V * 2 + (512 << 20)
+    free = torch.cuda.mem_get_info()[0]
+    if free < need:
+        pytest.skip(f"bigmem: needs {need / 2**30:.1f} GiB of free CUDA memory, {free / 2**30:.1f} GiB free")
+    gen = torch.Generator(device="cuda").manual_seed(16)
+    logits = torch.empty(N, V, dtype=torch.bfloat16, device="cuda")
+    for start in range(0, N, 1024):  # fill in chunks (no float32 [N, V] temporary)
+        end = min(N, start + 1024)
+        logits[start:end] = torch.randn(end - start, V, generator=gen, device="cuda").mul_(3.0)
+    tail = 4
+    assert (N - tail) * V > 2**31
+    targets = torch.randint(0, V, (N,), device="cuda", generator=gen)
+    scored = torch.zeros(N, dtype=torch.bool, device="cuda")
+    scored[0] = True
+    scored[-tail:] = True
+    old = torch.where(scored, -torch.rand(N, device="cuda", generator=gen) * 10, 0.0)
+    ref = torch.where(scored, old + 0.1, 0.0)
+    adv = torch.where(scored, torch.randn(N, device="cuda", generator=gen), 0.0)
+    got = dtr.forward_rows(logits, targets, scored, old, ref, adv, PARAMS, True)
+    sl = torch.cat([torch.arange(1, device="cuda"), torch.arange(N - tail, N, device="cuda")])
+    small = logits[sl].clone()
+    want = torch_backend.forward_rows(small, targets[sl], scored[sl], old[sl], ref[sl], adv[sl], PARAMS, True)
+    assert_rows_close([x[sl] for x in got], want)
+    assert not got[0][1:N - tail].any()
+    g = torch.where(scored, 0.7, 0.0)
+    h = torch.where(scored, -0.01, 0.0)
+    expected = torch.empty_like(small)
+    torch_backend.grad_rows(small, targets[sl], got[2][sl], got[1][sl], g[sl], h[sl], PARAMS.temperature, expected)
+    dtr.grad_rows(logits, targets, got[2], got[1], g, h, PARAMS.temperature, logits)  # in place
+    torch.testing.assert_close(logits[sl].float(), expected.float(), rtol=2.0**-7, atol=1e-6)
+    assert not logits[1:2].any() and not logits[N - tail - 1].any()
+
+
+# ---------------------------------------------------------------- availability and dispatch
+
+@pytest.mark.cuda
+def test_auto_picks_triton_for_cuda_without_compiled_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if dispatch.unavailable_reason("cuda", "cuda") is None:
+        pytest.skip("the compiled CUDA backend is present here; auto prefers it")
+    assert dispatch.resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert dk.available_backends("cuda")[0] == "triton"
+
+
+def test_auto_order_puts_triton_right_after_the_compiled_cuda_backend():
+    assert dispatch.AUTO_ORDER["cuda"][:2] == ("cuda", "triton")
+
+
+def test_cpu_without_interpreter_is_a_clear_reason():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import deltal_kernels.triton as t; print(t.unavailable_reason('cpu'))"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "TRITON_INTERPRET=1" in result.stdout and "CUDA" in result.stdout
+
+
+def test_rejects_float64_and_strided_columns():
+    x = torch.zeros(2, 8, dtype=torch.float64, device=DEVICE)
+    args = (torch.zeros(2, dtype=torch.int64, device=DEVICE), torch.ones(2, dtype=torch.bool, device=DEVICE),
+            torch.zeros(2, device=DEVICE), None, torch.zeros(2, device=DEVICE), PARAMS, False)
+    with pytest.raises(TypeError, match="float64"):
+        dtr.forward_rows(x, *args)
+    with pytest.raises(ValueError, match="unit stride"):
+        dtr.forward_rows(torch.zeros(8, 2, device=DEVICE).t(), *args)
