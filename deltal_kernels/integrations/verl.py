@@ -1,0 +1,225 @@
+"""verl: Delta-L as a loss aggregation mode, a registered policy loss, and a fused actor loss.
+
+Works without verl for the functions; ``register()`` needs verl (tested against verl 0.9.1).
+
+(a) ``agg_loss``: verl's ``core_algos.agg_loss`` signature and semantics for its modes
+    ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+    "seq-mean-token-sum-norm": dp_size, batch_num_tokens, global_batch_size, loss_scale_factor as in
+    verl), plus "delta-l": w_i = L_i^-alpha / (M * sum_j L_j^-alpha), M = loss_scale_factor (or the
+    response width, like verl's "seq-mean-token-sum-norm"). The sum over j is the whole mini-batch
+    on every data-parallel rank: compute it once per mini-batch, before verl splits it into
+    micro-batches, and pass each micro-batch its slice as ``delta_l_weights``::
+
+        w = dk.sequence_weights(response_mask.sum(-1), "delta-l", alpha=alpha, max_len=M,
+                                group=dp_group)          # times dp_size, for the DDP/FSDP mean
+        data["delta_l_weights"] = w                      # per-sample field: follows micro-batching
+
+    Without it (dp_size must be 1) the weights are those of the micro-batch alone.
+(b) ``compute_policy_loss``: verl's ``compute_policy_loss_vanilla`` (clip, dual clip
+    ``clip_ratio_c``, rollout importance weights) aggregated by ``agg_loss``; ``register(alpha)``
+    adds it to verl's registry as ``actor.policy_loss.loss_mode="delta-l"`` (Delta-L aggregation,
+    taking ``delta_l_weights`` from ``config.global_batch_info`` when present).
+(c) ``fused_ppo_loss``: verl's actor loss (``verl.workers.utils.losses.ppo_loss``: policy loss,
+    entropy bonus, KL loss) plus the log-prob computation before it, as one ``dk.policy_loss`` call on
+    verl's remove-padding rows. The patch, in ``FSDPEngineWithLMHead`` (verl 0.9.1,
+    ``verl/workers/engine/fsdp/transformer_impl.py``), where the model output becomes log-probs::
+
+        # prepare_model_outputs, use_remove_padding branch, instead of logprobs_from_logits(...)
+        #   and the later loss_function(model_output=..., data=micro_batch) call:
+        logits_rmpad = output.logits.squeeze(0)              # [total_nnz, V], not temperature-scaled
+        loss, metrics = fused_ppo_loss(actor_config, logits_rmpad, micro_batch)
+
+    It supports a scalar temperature, no Ulysses sequence parallelism (the rows must be the whole
+    micro-batch) and no rollout_is_weights; it checks and raises otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..aggregation import sequence_weights
+from ..loss import policy_loss
+
+VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = VERL_AGG_MODES + ("delta-l",)
+# verl's kl_loss_type names -> dk kl_type ("abs", "full" and the straight-through "+" variants have no dk form)
+KL_TYPES = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+
+def agg_weights(loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1, batch_num_tokens=None,
+                global_batch_size=None, loss_scale_factor=None, *, alpha: float = 1.0,
+                delta_l_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[bs] float64 w_i with agg_loss(loss_mat, loss_mask, ...) = sum_i w_i sum_t loss_mask * loss_mat."""
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode: expected one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+    lengths = loss_mask.sum(-1)
+    L = lengths.to(torch.float64)
+    live = (L > 0).to(torch.float64)
+    horizon = loss_scale_factor if loss_scale_factor is not None else loss_mask.shape[-1]
+    if loss_agg_mode == "delta-l":
+        if delta_l_weights is not None:
+            return delta_l_weights.to(torch.float64)
+        if dp_size > 1:
+            raise ValueError("delta_l_weights: required when dp_size > 1 (the mini-batch's Delta-L weights over all ranks)")
+        return sequence_weights(lengths.to(torch.int64), "delta-l", alpha=alpha, max_len=int(horizon),
+                                dtype=torch.float64)
+    if loss_agg_mode == "token-mean":
+        if batch_num_tokens is None:
+            if dp_size > 1:
+                raise ValueError("batch_num_tokens: (global) batch_num_tokens is required when dp_size > 1")
+            batch_num_tokens = L.sum()
+        return torch.full_like(L, float(dp_size)) / batch_num_tokens
+    if loss_agg_mode == "token-sum":
+        return torch.full_like(L, float(dp_size))
+    if global_batch_size is None:
+        if dp_size > 1:
+            raise ValueError("global_batch_size: required when dp_size > 1")
+        global_batch_size = live.sum()
+    w = live * dp_size / global_batch_size
+    if loss_agg_mode == "seq-mean-token-mean":
+        return w / (lengths + 1e-8).to(torch.float64)  # verl's token mean: epsilon added in the mask's dtype
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return w / horizon
+    return w
+
+
+def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1,
+             batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None, *, alpha: float = 1.0,
+             delta_l_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """verl's ``agg_loss`` (same arguments and results for its modes) with "delta-l" added."""
+    w = agg_weights(loss_mask, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor,
+                    alpha=alpha, delta_l_weights=delta_l_weights)
+    row_sums = (loss_mat * loss_mask).sum(-1)
+    return (w.to(row_sums.dtype) * row_sums).sum()
+
+
+def _clip_options(config):
+    clip_ratio = config.clip_ratio
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
+    return low, high, config.get("clip_ratio_c", 3.0)
+
+
+def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode: str = "token-mean",
+                        config=None, rollout_is_weights=None, *, alpha: float = 1.0):
+    """verl's vanilla PPO policy loss (``compute_policy_loss_vanilla``), aggregated by ``agg_loss``.
+
+    Same signature and results as verl's for its aggregation modes; ``loss_agg_mode="delta-l"`` uses
+    ``config.global_batch_info["delta_l_weights"]`` when present. Returns (pg_loss, metrics).
+    """
+    if config is None:
+        raise ValueError("config: the actor config (clip_ratio, clip_ratio_low/high/c, global_batch_info) is required")
+    low, high, c = _clip_options(config)
+    if not c > 1.0:
+        raise ValueError(f"clip_ratio_c: expected a value > 1, got {c!r}")
+    log_ratio = torch.clamp(log_prob - old_log_prob, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
+    clipped = torch.maximum(pg1, pg2)
+    pg3 = -advantages * c
+    pg = torch.where(advantages < 0, torch.minimum(pg3, clipped), clipped)
+    if rollout_is_weights is not None:
+        pg = pg * rollout_is_weights
+    info = dict(config.global_batch_info)
+    pg_loss = agg_loss(pg, response_mask, loss_agg_mode, alpha=alpha, **info)
+
+    def masked_mean(x):  # verl_F.masked_mean, dtypes included
+        return (x * response_mask).sum() / (response_mask.sum() + 1e-8)
+
+    metrics = {
+        "actor/pg_clipfrac": masked_mean(torch.gt(pg2, pg1).float()).detach().item(),
+        "actor/ppo_kl": masked_mean(-log_ratio).detach().item(),
+        "actor/pg_clipfrac_lower": masked_mean((torch.gt(clipped, pg3) * (advantages < 0).float())).detach().item(),
+    }
+    return pg_loss, metrics
+
+
+def register(alpha: float = 1.0, name: str = "delta-l"):
+    """Register ``compute_policy_loss`` with Delta-L aggregation in verl's policy-loss registry as ``name``.
+
+    Then ``actor_rollout_ref.actor.policy_loss.loss_mode=delta-l`` selects it. Raises ImportError
+    without verl. Returns the registered function.
+    """
+    from verl.trainer.ppo.core_algos import register_policy_loss
+
+    def delta_l_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="delta-l", config=None,
+                            rollout_is_weights=None):
+        # the aggregation is Delta-L whatever actor.loss_agg_mode says (verl's config rejects "delta-l" there)
+        return compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, "delta-l", config,
+                                   rollout_is_weights, alpha=alpha)
+
+    return register_policy_loss(name)(delta_l_policy_loss)
+
+
+def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: Optional[str] = None,
+                   alpha: float = 1.0, backend: str = "auto"):
+    """verl's log-probs + ``ppo_loss`` (vanilla policy loss, entropy bonus, KL loss) as one ``dk.policy_loss``.
+
+    config: verl's ActorConfig (clip ratios, clip_ratio_c, entropy_coeff, use_kl_loss, kl_loss_coef,
+    kl_loss_type, loss_agg_mode, loss_scale_factor). logits_rmpad: [total_nnz, V], the model's
+    logits for the micro-batch's packed rows (prompt and response of each sequence, no padding),
+    before temperature scaling. data: verl's micro-batch TensorDict in no-padding mode (nested
+    input_ids/prompts/responses/response_mask/old_log_probs/advantages, ref_log_prob with the KL
+    loss; dp_size, batch_num_tokens, global_batch_size, temperature; optional delta_l_weights).
+    Returns (loss, metrics) like ppo_loss (metrics as verl ``Metric`` means: pg_clipfrac, ppo_kl,
+    pg_clipfrac_lower, entropy, and kl with the KL loss); the loss is differentiable w.r.t. logits_rmpad.
+    """
+    if "rollout_is_weights" in data.keys():
+        raise ValueError("rollout_is_weights: per-token rollout correction weights are not supported by fused_ppo_loss")
+    temperature = data["temperature"]
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1 and not bool((temperature == temperature.reshape(-1)[0]).all()):
+            raise ValueError("temperature: fused_ppo_loss needs one temperature for the micro-batch")
+        temperature = float(temperature.reshape(-1)[0])
+    input_ids = data["input_ids"]
+    cu = input_ids.offsets().to(torch.int64)
+    N = int(cu[-1])
+    if logits_rmpad.shape[0] != N:
+        raise ValueError(f"logits_rmpad: expected {N} rows (the micro-batch's packed tokens), got {logits_rmpad.shape[0]}")
+    prompt_lens = data["prompts"].offsets().diff().to(torch.int64)
+    padded = data.select("response_mask", "old_log_probs", "advantages",
+                         *(["ref_log_prob"] if config.use_kl_loss else [])).to_padded_tensor()
+    response_mask = padded["response_mask"].to(torch.bool)
+    R = response_mask.shape[1]
+    if bool((prompt_lens <= 0).any()):
+        raise ValueError("prompts: every sequence needs a prompt token (row t scores token t+1)")
+
+    # row of response token j of sequence i: the one predicting it, cu[i] + prompt_len[i] + j - 1
+    j = torch.arange(R, device=cu.device)
+    rows = (cu[:-1] + prompt_lens - 1)[:, None] + j[None, :]
+    response_lens = data["responses"].offsets().diff().to(torch.int64)
+    present = j[None, :] < response_lens[:, None]
+    scored_pad = response_mask & present
+    scored_rows = rows[scored_pad]
+    targets = torch.roll(input_ids.values(), shifts=-1, dims=0)  # verl's input_ids_rmpad_rolled
+
+    def to_rows(x):
+        out = torch.zeros(N, dtype=x.dtype, device=x.device)
+        return out.index_copy(0, scored_rows, x[scored_pad])
+
+    loss_mask = torch.zeros(N, dtype=torch.bool, device=cu.device)
+    loss_mask[scored_rows] = True
+    mode = loss_agg_mode or config.loss_agg_mode
+    w = agg_weights(response_mask, mode, data["dp_size"], data["batch_num_tokens"], data["global_batch_size"],
+                    config.loss_scale_factor, alpha=alpha,
+                    delta_l_weights=data["delta_l_weights"] if "delta_l_weights" in data.keys() else None)
+    low, high, c = _clip_options(config)
+    kl = {}
+    if config.use_kl_loss:
+        if config.kl_loss_type not in KL_TYPES:
+            raise ValueError(f"kl_loss_type: expected one of {sorted(KL_TYPES)}, got {config.kl_loss_type!r}")
+        kl = dict(ref_logprobs=to_rows(padded["ref_log_prob"]), kl_coef=config.kl_loss_coef,
+                  kl_type=KL_TYPES[config.kl_loss_type])
+    out = policy_loss(logits_rmpad, targets, to_rows(padded["old_log_probs"]), to_rows(padded["advantages"]),
+                      cu, loss_mask=loss_mask, weights=w, clip_low=low, clip_high=high,
+                      dual_clip=c, entropy_coef=config.entropy_coeff, with_entropy=True, temperature=temperature,
+                      backend=backend, **kl)
+    from verl.utils.metric import AggregationType, Metric
+
+    # verl's names for the token means it logs (it averages them over micro-batches)
+    names = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl", "actor/pg_clipfrac_lower": "clipfrac_lower",
+             "actor/entropy": "entropy", "actor/kl": "kl"}
+    metrics = {name: Metric(AggregationType.MEAN, out.metrics[key]) for name, key in names.items() if key in out.metrics}
+    return out.loss, metrics

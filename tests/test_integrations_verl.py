@@ -1,0 +1,242 @@
+"""verl integration: agg_loss, the registered policy loss and the fused actor loss against verl's own code.
+
+The parity tests need verl, installed in its own venv from requirements/verl.txt (verl pins its own
+transformers and pulls ray, so it stays out of the default venv); the Delta-L formula tests run everywhere.
+"""
+import importlib.util
+
+import pytest
+import torch
+
+import deltal_kernels as dk
+from deltal_kernels.integrations import verl as dkv
+
+HAS_VERL = importlib.util.find_spec("verl") is not None
+needs_verl = pytest.mark.skipif(not HAS_VERL, reason="verl is not installed (it has its own venv: requirements/verl.txt)")
+
+BS, T = 5, 9
+
+
+def batch(seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([9, 3, 0, 6, 1])  # ragged responses, one fully masked
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(torch.float32)
+    mask[3, 2] = 0  # a masked token inside a response
+    return dict(
+        loss_mat=torch.randn(BS, T, generator=gen, dtype=dtype),
+        mask=mask,
+        old=-2.0 + 0.5 * torch.randn(BS, T, generator=gen, dtype=dtype),
+        # current log-probs far enough from the old ones for both clips and the dual clip to act
+        logp=-2.0 + 1.3 * torch.randn(BS, T, generator=gen, dtype=dtype),
+        adv=torch.randn(BS, 1, generator=gen, dtype=dtype).expand(BS, T).contiguous(),
+    )
+
+
+def delta_l_formula(loss_mat, mask, alpha, M):
+    """sum_i L_i^-alpha / (M sum_j L_j^-alpha) * sum_t mask * loss, written out over sequences."""
+    L = mask.sum(-1).tolist()
+    norm = sum(l ** -alpha for l in L if l > 0)
+    total = 0.0
+    for i, l in enumerate(L):
+        if l > 0:
+            total += l ** -alpha / (M * norm) * float((loss_mat[i] * mask[i]).sum())
+    return total
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.75, 1.0])
+@pytest.mark.parametrize("loss_scale_factor", [None, 16])
+def test_delta_l_agg_loss_is_the_formula(alpha, loss_scale_factor):
+    b = batch()
+    got = dkv.agg_loss(b["loss_mat"], b["mask"], "delta-l", loss_scale_factor=loss_scale_factor, alpha=alpha)
+    M = loss_scale_factor or T  # like verl's seq-mean-token-sum-norm: the response width by default
+    assert got.item() == pytest.approx(delta_l_formula(b["loss_mat"], b["mask"], alpha, M), rel=1e-13)
+
+
+def test_delta_l_agg_loss_uses_given_weights_and_needs_them_with_dp():
+    b = batch()
+    w = torch.tensor([0.5, 0.25, 0.0, 2.0, 1.0], dtype=torch.float64)
+    got = dkv.agg_loss(b["loss_mat"], b["mask"], "delta-l", dp_size=2, delta_l_weights=w)
+    expected = sum(float(w[i]) * float((b["loss_mat"][i] * b["mask"][i]).sum()) for i in range(BS))
+    assert got.item() == pytest.approx(expected, rel=1e-13)
+    with pytest.raises(ValueError, match="delta_l_weights"):
+        dkv.agg_loss(b["loss_mat"], b["mask"], "delta-l", dp_size=2)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        dkv.agg_loss(b["loss_mat"], b["mask"], "delta_l_typo")
+
+
+def test_delta_l_micro_batches_with_sliced_weights_sum_to_the_mini_batch():
+    b = batch()
+    M = 12
+    w = dk.sequence_weights(b["mask"].sum(-1).to(torch.int64), "delta-l", alpha=0.5, max_len=M, dtype=torch.float64)
+    parts = [slice(0, 2), slice(2, 5)]
+    accumulated = sum(dkv.agg_loss(b["loss_mat"][s], b["mask"][s], "delta-l", delta_l_weights=w[s]) for s in parts)
+    whole = dkv.agg_loss(b["loss_mat"], b["mask"], "delta-l", loss_scale_factor=M, alpha=0.5)
+    assert accumulated.item() == pytest.approx(whole.item(), rel=1e-13)
+
+
+GLOBAL_INFOS = [
+    {},  # one rank, local statistics
+    {"dp_size": 2, "batch_num_tokens": 37, "global_batch_size": 11, "loss_scale_factor": 16},
+    {"dp_size": 1, "batch_num_tokens": None, "global_batch_size": None, "loss_scale_factor": None},
+]
+
+
+@needs_verl
+@pytest.mark.parametrize("mode", dkv.VERL_AGG_MODES)
+@pytest.mark.parametrize("info", GLOBAL_INFOS)
+def test_agg_loss_matches_verl(mode, info):
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    b = batch()
+    expected = agg_loss(b["loss_mat"], b["mask"], mode, **info)
+    got = dkv.agg_loss(b["loss_mat"], b["mask"], mode, **info)
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=0)
+
+
+def actor_config(**kw):
+    from verl.workers.config import ActorConfig
+
+    opts = dict(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, use_torch_compile=False,
+                clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    opts.update(kw)
+    return ActorConfig(**opts)
+
+
+def policy_loss_and_grad(fn, b, mode, config, **kw):
+    logp = b["logp"].clone().requires_grad_(True)
+    loss, metrics = fn(b["old"], logp, b["adv"], b["mask"], mode, config, **kw)
+    loss.backward()
+    return loss.detach(), logp.grad, metrics
+
+
+@needs_verl
+@pytest.mark.parametrize("mode", dkv.VERL_AGG_MODES)
+@pytest.mark.parametrize("info", GLOBAL_INFOS[:2])
+def test_compute_policy_loss_matches_verl_vanilla(mode, info):
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    b = batch(1)
+    config = actor_config(global_batch_info=dict(info))
+    expected = policy_loss_and_grad(compute_policy_loss_vanilla, b, mode, config)
+    got = policy_loss_and_grad(dkv.compute_policy_loss, b, mode, config)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-13, atol=1e-16)
+    assert got[2] == pytest.approx(expected[2], rel=1e-12)
+    # the batch really exercises clipping and the dual clip
+    assert expected[2]["actor/pg_clipfrac"] > 0 and expected[2]["actor/pg_clipfrac_lower"] > 0
+
+
+@needs_verl
+def test_registered_delta_l_loss_is_verl_vanilla_with_rescaled_advantages():
+    """verl's own vanilla loss, seq-mean-token-sum, with A_i scaled by G * w_i (the PPO objective is
+    positively homogeneous in A) is the Delta-L loss: an independent check through verl's code."""
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn
+
+    alpha = 0.75
+    registered = dkv.register(alpha=alpha)
+    assert get_policy_loss_fn("delta-l") is registered
+
+    b = batch(2)
+    config = actor_config(global_batch_info={}, loss_scale_factor=None)
+    got = policy_loss_and_grad(registered, b, "token-mean", config)  # the mode string is ignored: Delta-L
+
+    L = b["mask"].sum(-1).to(torch.float64)
+    live = L > 0
+    w = torch.where(live, L.clamp(min=1) ** -alpha, torch.zeros_like(L))
+    w = w / (T * w.sum())
+    scaled = dict(b, adv=b["adv"] * (w * live.sum())[:, None].to(b["adv"].dtype))
+    expected = policy_loss_and_grad(compute_policy_loss_vanilla, scaled, "seq-mean-token-sum", config)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-13, atol=1e-16)
+
+
+def micro_batch(seed, *, kl, dtype=torch.float64):
+    """A verl micro-batch in no-padding mode, as left_right_2_no_padding leaves it."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    gen = torch.Generator().manual_seed(seed)
+    P, R, V = [2, 3, 1, 4], [3, 1, 5, 2], 11
+
+    def nested(xs):
+        return torch.nested.as_nested_tensor(xs, layout=torch.jagged)
+
+    prompts = [torch.randint(0, V, (p,), generator=gen) for p in P]
+    responses = [torch.randint(0, V, (r,), generator=gen) for r in R]
+    masks = [torch.ones(r, dtype=torch.int64) for r in R]
+    masks[2][1] = 0  # a masked response token (e.g. a tool output)
+    fields = {
+        "input_ids": nested([torch.cat([p, r]) for p, r in zip(prompts, responses)]),
+        "prompts": nested(prompts),
+        "responses": nested(responses),
+        "response_mask": nested(masks),
+        "old_log_probs": nested([-2.4 + 0.6 * torch.randn(r, generator=gen, dtype=dtype) for r in R]),
+        "advantages": nested([torch.randn(1, generator=gen, dtype=dtype).expand(r).contiguous() for r in R]),
+    }
+    if kl:
+        fields["ref_log_prob"] = nested([-2.4 + 0.6 * torch.randn(r, generator=gen, dtype=dtype) for r in R])
+    data = TensorDict(fields, batch_size=[len(P)])
+    tu.assign_non_tensor(data, temperature=0.7)
+    logits = 2.0 * torch.randn(sum(P) + sum(R), V, generator=gen, dtype=dtype)
+    return data, logits
+
+
+def verl_actor_loss(config, logits, data, temperature):
+    """verl's actor: log-probs (and entropy) from the rmpad logits, then verl's ppo_loss."""
+    import verl.utils.torch_functional as verl_F
+    from verl.workers.utils.losses import ppo_loss
+
+    scaled = logits / temperature
+    targets = torch.roll(data["input_ids"].values(), shifts=-1, dims=0)
+    log_probs = verl_F.logprobs_from_logits(scaled, targets)
+    cu = data["input_ids"].offsets()
+    output = {"log_probs": torch.nested.nested_tensor_from_jagged(log_probs, cu)}
+    if config.entropy_coeff != 0:
+        output["entropy"] = torch.nested.nested_tensor_from_jagged(verl_F.entropy_from_logits(scaled), cu)
+    return ppo_loss(config, output, data)
+
+
+@needs_verl
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("kl,entropy", [(False, 0.0), (True, 0.01)])
+@pytest.mark.parametrize("dp", [1, 2])
+def test_fused_actor_loss_matches_verl_ppo_loss(mode, kl, entropy, dp):
+    from verl.utils import tensordict_utils as tu
+
+    data, logits = micro_batch(3, kl=kl)
+    info = dict(dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    if dp > 1:  # the mini-batch's statistics over all ranks, as verl's engine sets them
+        info = dict(dp_size=dp, batch_num_tokens=29, global_batch_size=8)
+    tu.assign_non_tensor(data, **info)
+    config = actor_config(loss_agg_mode=mode, entropy_coeff=entropy, use_kl_loss=kl, kl_loss_coef=0.1,
+                          kl_loss_type="low_var_kl", loss_scale_factor=12 if dp > 1 else None)
+
+    x_verl = logits.clone().requires_grad_(True)
+    expected, expected_metrics = verl_actor_loss(config, x_verl, data, 0.7)
+    expected.backward()
+    x_dk = logits.clone().requires_grad_(True)
+    got, metrics = dkv.fused_ppo_loss(config, x_dk, data, backend="torch")
+    got.backward()
+
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(x_dk.grad, x_verl.grad, rtol=1e-12, atol=1e-15)
+    # the batch exercises the clip and the dual clip
+    assert expected_metrics["actor/pg_clipfrac"].aggregate() > 0
+    assert expected_metrics["actor/pg_clipfrac_lower"].aggregate() > 0
+    for name in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+        # verl computes these token means from float32 flags; dk in the logits' dtype (float64 here)
+        assert metrics[name].aggregate() == pytest.approx(expected_metrics[name].aggregate(), rel=1e-6)
+
+
+@needs_verl
+def test_fused_actor_loss_rejects_what_it_cannot_compute():
+    from verl.utils import tensordict_utils as tu
+
+    data, logits = micro_batch(4, kl=False)
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    config = actor_config()
+    with pytest.raises(ValueError, match="logits_rmpad"):
+        dkv.fused_ppo_loss(config, logits[1:], data, backend="torch")
+    data["rollout_is_weights"] = data["old_log_probs"]
+    with pytest.raises(ValueError, match="rollout_is_weights"):
+        dkv.fused_ppo_loss(config, logits, data, backend="torch")
