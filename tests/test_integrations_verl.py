@@ -173,8 +173,9 @@ def micro_batch(seed, *, kl, dtype=torch.float64):
         "old_log_probs": nested([-2.4 + 0.6 * torch.randn(r, generator=gen, dtype=dtype) for r in R]),
         "advantages": nested([torch.randn(1, generator=gen, dtype=dtype).expand(r).contiguous() for r in R]),
     }
+    ref = nested([-2.4 + 0.6 * torch.randn(r, generator=gen, dtype=dtype) for r in R])  # drawn always: same logits
     if kl:
-        fields["ref_log_prob"] = nested([-2.4 + 0.6 * torch.randn(r, generator=gen, dtype=dtype) for r in R])
+        fields["ref_log_prob"] = ref
     data = TensorDict(fields, batch_size=[len(P)])
     tu.assign_non_tensor(data, temperature=0.7)
     logits = 2.0 * torch.randn(sum(P) + sum(R), V, generator=gen, dtype=dtype)
