@@ -1,0 +1,128 @@
+"""The benchmark's output: rich tables on the terminal, CSV + JSON + a PNG plot under the results folder."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import List
+
+from rich.table import Table
+
+from .targets import Target
+
+
+def _num(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+
+def _si(x):
+    """2590 -> '2.59k', 3.3e6 -> '3.30M'."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.2f}{suffix}"
+    return f"{x:.0f}"
+
+
+def case_table(case, rows: List[dict], meta: dict) -> Table:
+    """One case, every implementation side by side."""
+    gpu = meta["peak_GBps"] is not None
+    b = rows[0]["bytes"]
+    title = (f"{case.label}  ({rows[0]['S']} sequences, {rows[0]['scored_rows']} scored rows; "
+             f"fwd+bwd moves {b['fwdbwd'] / 1e9:.3f} GB, 2-pass floor {b['floor'] / 1e9:.3f} GB)")
+    table = Table(title=title, title_justify="left")
+    columns = ["impl", "fwd ms", "bwd ms", "fwd+bwd ms", "tokens/s", "GB/s", "% copy BW"]
+    columns += ["% peak BW"] if gpu else []
+    columns += ["x floor", "extra peak MB", "vs eager"]
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for r in rows:
+        if r["error"]:
+            table.add_row(r["impl"], f"[red]{r['error']}[/red]", *[""] * (len(columns) - 2))
+            continue
+        cells = [r["impl"], _num(r["fwd_ms"], ".2f"), _num(r["bwd_ms"], ".2f"), _num(r["fwdbwd_ms"], ".2f"),
+                 _si(r["tokens_per_s"]), _num(r["fwdbwd_GBps"], ".1f"),
+                 _num(100 * r["fwdbwd_frac_copy"], ".0f")]
+        cells += [_num(100 * r["fwdbwd_frac_peak"], ".0f")] if gpu else []
+        speedup = r["speedup_vs_eager"]
+        cells += [_num(r["fwdbwd_x_floor"], ".2f"), _num(r["extra_peak_MB"], ".1f"),
+                  "-" if speedup is None else f"{speedup:.2f}x"]
+        table.add_row(*cells, style="bold" if r["kind"] == "backend" else None)
+    return table
+
+
+def targets_table(targets: List[Target]) -> Table:
+    table = Table(title="Targets (issue 5)", title_justify="left")
+    for name in ("backend", "case", "target", "need", "got", "status"):
+        table.add_column(name)
+    for t in targets:
+        style = "green" if t.status == "met" else "red" if t.status.startswith("MISSED") else "yellow"
+        table.add_row(t.backend, t.case, t.what, t.need, _num(t.got, ".3g"), f"[{style}]{t.status}[/{style}]")
+    return table
+
+
+# ---- files ----
+
+CSV_FIELDS = ["case", "N", "V", "dtype", "S", "scored_rows", "impl", "kind", "inplace", "fwd_ms", "bwd_ms",
+              "fwdbwd_ms", "tokens_per_s", "fwd_GBps", "bwd_GBps", "fwdbwd_GBps", "fwdbwd_frac_copy",
+              "fwdbwd_frac_peak", "fwdbwd_x_floor", "extra_peak_MB", "speedup_vs_eager", "error"]
+CSV_META = ["date", "device", "device_name", "torch", "deltal_kernels", "copy_GBps", "peak_GBps"]
+
+
+def write_files(out_dir: Path, tag: str, meta: dict, results: List[dict], targets: List[Target]) -> List[Path]:
+    """<tag>.json (everything), <tag>.csv (one row per case and implementation), <tag>.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{tag}.json", out_dir / f"{tag}.csv", out_dir / f"{tag}.png"]
+    doc = {"meta": meta, "results": results, "targets": [vars(t) for t in targets]}
+    paths[0].write_text(json.dumps(doc, indent=1) + "\n")
+    with paths[1].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_META + CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in results:
+            writer.writerow({**{k: meta[k] for k in CSV_META}, **r})
+    plot(paths[2], meta, results)
+    return paths
+
+
+def _sweep(results, axis: str):
+    """Rows of the sweep along ``axis`` ("V" or "N"): the other dimension fixed at its best-covered value."""
+    other = "N" if axis == "V" else "V"
+    ok = [r for r in results if not r["error"]]
+    if not ok:
+        return other, None, []
+    values = {r[other] for r in ok}
+    fixed = max(values, key=lambda v: (len({r[axis] for r in ok if r[other] == v}), v))
+    return other, fixed, [r for r in ok if r[other] == fixed]
+
+
+def plot(path: Path, meta: dict, results: List[dict]) -> None:
+    """Forward+backward time and extra peak memory against V and against N, one line per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    several_dtypes = len({r["dtype"] for r in results}) > 1
+    for col, axis in enumerate(("V", "N")):
+        other, fixed, rows = _sweep(results, axis)
+        series = sorted({(r["impl"], r["dtype"]) for r in rows})
+        for row_i, (metric, label) in enumerate((("fwdbwd_ms", "forward+backward (ms)"),
+                                                  ("extra_peak_MB", "extra peak memory (MB)"))):
+            ax = axes[row_i][col]
+            for impl, dtype in series:
+                pts = sorted((r[axis], r[metric]) for r in rows if (r["impl"], r["dtype"]) == (impl, dtype)
+                             and r[metric] is not None and r[metric] > 0)  # log axes: positive values only
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{impl} {dtype}" if several_dtypes else impl)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(axis)
+            ax.set_ylabel(label)
+            ax.set_title(f"{label} vs {axis} ({other}={fixed})")
+            ax.grid(True, which="both", alpha=0.3)
+            if series:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"deltal-kernels {meta['deltal_kernels']} on {meta['device_name']}, {meta['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
