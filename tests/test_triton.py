@@ -141,6 +141,32 @@ def test_bfloat16_rounding_edge_cases(by_hand):
     assert torch.equal(y.cpu(), x.cpu().to(torch.bfloat16))
 
 
+# ---------------------------------------------------------------- fused forward + gradient (proposed)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_fused_gradient_equals_separate_launches(dtype, inplace):
+    """forward_grad_rows: the forward outputs of forward_rows and, in the same launch, the gradient
+    grad_rows writes for g = (s * w) * dlogp, h = (s * w) * -entropy_coef; bit for bit."""
+    batch = make_batch([0, 4, 1, 0, 3], 2500, dtype=dtype, device=DEVICE, seed=17, mask_frac=0.3)
+    logits = batch["logits"]
+    inputs = row_inputs(batch)
+    w = torch.linspace(0.0, 0.4, logits.shape[0], device=DEVICE) * inputs[1]  # includes a scored w == 0 row
+    scale = 0.25
+    rows = dtr.forward_rows(logits, *inputs, PARAMS, True)
+    d_loss = scale * w
+    expected = torch.empty_like(logits)
+    dtr.grad_rows(logits, inputs[0], rows[2], rows[1], d_loss * rows[4], d_loss * -PARAMS.entropy_coef,
+                  PARAMS.temperature, expected)
+    target = logits.clone()
+    out = target if inplace else torch.full_like(logits, float("nan"))
+    fused = dtr.forward_grad_rows(target, *inputs, PARAMS, True, w, scale, out)
+    for name, a, b in zip(ROW_NAMES, fused, rows):
+        assert torch.equal(a, b), name
+    assert torch.equal(out, expected)
+    assert not out[~inputs[1]].any()
+
+
 # ---------------------------------------------------------------- rows, grid and offsets
 
 def test_unscored_rows_are_never_read():
@@ -242,6 +268,103 @@ def test_64bit_offsets_n_times_v_above_2_31():
     dtr.grad_rows(logits, targets, got[2], got[1], g, h, PARAMS.temperature, logits)  # in place
     torch.testing.assert_close(logits[sl].float(), expected.float(), rtol=2.0**-7, atol=1e-6)
     assert not logits[1:2].any() and not logits[N - tail - 1].any()
+
+
+# ---------------------------------------------------------------- the GPU compiler, without a GPU
+
+# Runs in a subprocess without TRITON_INTERPRET (here the kernels are interpreted): Triton's own
+# front end, LLVM and the bundled ptxas compile every specialisation for sm_90 / sm_80 on the CPU.
+# That catches what the interpreter cannot: non-constexpr globals, type mismatches across
+# if/for, register spills, and whether 16-byte-aligned rows get 128-bit vector loads.
+_AOT_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import deltal_kernels.triton as dtr
+from deltal_kernels.triton import logprob_loss as k
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+DT = {4: "fp32", 2: "bf16"}
+
+def compile_(fn, types, cons, num_warps, arch, aligned):
+    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
+    names = list(fn.arg_names)
+    attrs = {}
+    if aligned:  # what the JIT adds at launch for 16-byte-aligned pointers and strides/V % 16 == 0
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in types
+                 if types[n].startswith("*") or n.startswith("stride") or n == "V"}
+    cc = triton.compile(ASTSource(fn, sig, cons, attrs), target=GPUTarget("cuda", arch, 32),
+                        options=dict(num_warps=num_warps))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cc.asm["cubin"]); f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    line = [l for l in usage.splitlines() if "REG:" in l][0]
+    res = dict(kv.split(":") for kv in line.split() if ":" in kv)
+    ptx = cc.asm["ptx"]
+    return dict(regs=int(res["REG"]), local=int(res["LOCAL"]), stack=int(res["STACK"]),
+                v4_loads=ptx.count("ld.global.v4"), v4_stores=ptx.count("st.global.v4"))
+
+def fwd_types(dt, idx):
+    t = dict(logits_ptr="*" + dt, stride_row=idx, targets_ptr="*i64", scored_ptr="*u8", weights_ptr="*fp32",
+             grad_ptr="*" + dt, stride_grad=idx, N="i32", V="i32", grad_scale="fp32", inv_tau="fp32",
+             ratio_lo="fp32", ratio_hi="fp32", dual_clip="fp32", kl_coef="fp32", entropy_coef="fp32")
+    for n in ("old", "ref", "adv", "logp", "entropy", "lse", "loss", "dlogp", "kl"):
+        t[n + "_ptr"] = "*fp32"
+    t["flags_ptr"] = "*u8"
+    return t
+
+def grad_types(dt, idx):
+    return dict(logits_ptr="*" + dt, stride_x=idx, out_ptr="*" + dt, stride_out=idx, targets_ptr="*i64",
+                lse_ptr="*fp32", entropy_ptr="*fp32", g_ptr="*fp32", h_ptr="*fp32", N="i32", V="i32",
+                inv_tau="fp32")
+
+results = []
+base = dict(KL_TYPE=3, HAS_DUAL=True, NEED_ENTROPY=True, ENTROPY_IN_LOSS=True, WRITE_GRAD=False,
+            BF16_BY_HAND=False)
+variants = []
+for itemsize, dt in ((4, "fp32"), (2, "bf16"), (2, "fp16")):
+    for V in (1000, 32000, 151936, 262144):
+        block, warps = dtr.block_config(V, itemsize)
+        variants.append((dt, block, warps, {}, "i32", 90))
+block, warps = dtr.block_config(151936, 2)
+for extra in (dict(KL_TYPE=0, HAS_DUAL=False, NEED_ENTROPY=False, ENTROPY_IN_LOSS=False), dict(KL_TYPE=1),
+              dict(KL_TYPE=2), dict(WRITE_GRAD=True), dict(WRITE_GRAD=True, BF16_BY_HAND=True)):
+    variants.append(("bf16", block, warps, extra, "i32", 90))
+variants.append(("bf16", block, warps, {}, "i64", 90))  # a row stride >= 2^31 arrives as i64
+variants.append(("bf16", block, warps, dict(WRITE_GRAD=True), "i32", 80))
+for dt, block, warps, extra, idx, arch in variants:
+    for name, fn, types, cons in (
+            ("forward", k._forward_kernel, fwd_types(dt, idx), dict(base, BLOCK=block, **extra)),
+            ("grad", k._grad_kernel, grad_types(dt, idx),
+             dict(BLOCK=block, BF16_BY_HAND=extra.get("BF16_BY_HAND", False)))):
+        for aligned in (True, False):
+            r = compile_(fn, types, cons, warps, arch, aligned)
+            r.update(kernel=name, dtype=dt, block=block, warps=warps, extra=extra, idx=idx, arch=arch, aligned=aligned)
+            results.append(r)
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_the_gpu_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "backend" in proc.stderr.lower()) \
+            and "CompilationError" not in proc.stderr:
+        pytest.skip(f"Triton's NVIDIA backend cannot compile here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) >= 40
+    for r in results:
+        assert r["local"] == 0 and r["stack"] == 0, f"register spills: {r}"
+        if r["aligned"]:  # 16-byte-aligned rows: 128-bit loads (and stores for the gradient)
+            assert r["v4_loads"] > 0, f"no vector loads: {r}"
+            if r["kernel"] == "grad" or r["extra"].get("WRITE_GRAD"):
+                assert r["v4_stores"] > 0, f"no vector stores: {r}"
 
 
 # ---------------------------------------------------------------- availability and dispatch

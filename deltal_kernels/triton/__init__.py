@@ -84,12 +84,8 @@ def _check_logits(logits: torch.Tensor):
         raise ValueError("logits: backend 'triton' needs [N, V] with unit stride along V")
 
 
-def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy):
-    """The forward row contract (see ``dispatch.rows_forward``).
-
-    Rows may have any row stride (only the stride along V must be 1); the contract passes
-    contiguous logits.
-    """
+def _forward(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy,
+             row_weights=None, grad_scale=1.0, grad_out=None):
     _check_logits(logits)
     N, V = logits.shape
     dev = logits.device
@@ -104,6 +100,12 @@ def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages
     ref = old if ref_logprobs is None else ref_logprobs.to(f32).contiguous()
     kl_type = params.kl_type if ref_logprobs is not None else 0
     entropy_in_loss = params.entropy_coef != 0.0
+    write_grad = grad_out is not None
+    if write_grad:
+        _check_out(logits, grad_out)
+        weights = row_weights.to(f32).contiguous()
+    else:  # unused pointers of the WRITE_GRAD=False specialisation
+        weights, grad_out = old, logits
     block, num_warps = block_config(V, logits.element_size())
     _k._forward_kernel[_grid(N)](
         logits, logits.stride(0), targets.to(torch.int64).contiguous(),
@@ -111,10 +113,41 @@ def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages
         logp, entropy, lse, loss, dlogp, kl, flags,
         N, V, 1.0 / params.temperature, 1.0 - params.clip_low, 1.0 + params.clip_high,
         params.dual_clip, params.kl_coef, params.entropy_coef,
+        weights, grad_out, grad_out.stride(0), float(grad_scale),
         KL_TYPE=kl_type, HAS_DUAL=bool(params.dual_clip), NEED_ENTROPY=bool(need_entropy or entropy_in_loss),
-        ENTROPY_IN_LOSS=entropy_in_loss, BLOCK=block, num_warps=num_warps,
+        ENTROPY_IN_LOSS=entropy_in_loss, BLOCK=block, WRITE_GRAD=write_grad, BF16_BY_HAND=INTERPRETED,
+        num_warps=num_warps,
     )
     return logp, entropy, lse, loss, dlogp, kl, flags
+
+
+def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy):
+    """The forward row contract (see ``dispatch.rows_forward``).
+
+    Rows may have any row stride (only the stride along V must be 1); the contract passes
+    contiguous logits.
+    """
+    return _forward(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy)
+
+
+def forward_grad_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy,
+                      row_weights, grad_scale, out):
+    """``forward_rows`` plus, in the same launch, the gradient of
+    ``grad_scale * sum_t row_weights[t] * loss[t]`` w.r.t. the logits, written into ``out``.
+
+    The proposed fused extension of the row contract: each scored row is reduced once, then
+    re-read (mostly from L2) and its gradient written, which saves the backward launch's full read
+    of the logits. ``out`` may be ``logits`` itself (their values are then gone after the call).
+    The result equals ``grad_rows`` called with g = (grad_scale * w) * dlogp and
+    h = (grad_scale * w) * -entropy_coef, bit for bit.
+    """
+    return _forward(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy,
+                    row_weights, grad_scale, out)
+
+
+def _check_out(logits, out):
+    if out.shape != logits.shape or out.dtype != logits.dtype or (out.shape[1] > 1 and out.stride(1) != 1):
+        raise ValueError("out: expected the logits' shape and dtype with unit stride along V")
 
 
 def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
@@ -123,8 +156,7 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
     ``out`` may be ``logits`` itself (in-place backward).
     """
     _check_logits(logits)
-    if out.shape != logits.shape or out.dtype != logits.dtype or (out.shape[1] > 1 and out.stride(1) != 1):
-        raise ValueError("out: expected the logits' shape and dtype with unit stride along V")
+    _check_out(logits, out)
     N, V = logits.shape
     if N == 0:
         return out

@@ -9,8 +9,11 @@ N <= MAX_PROGRAMS, which is the common case; no grid dimension limits N):
     sum of e^(z-m) * (z-m)), then the per-row epilogue of ``torch_backend.row_terms`` (PPO clip,
     dual clip, k1/k2/k3, entropy bonus, dl/dlogp, flags) runs on the row's scalars in registers.
     Unscored rows do no V work: they write zeros to their [N] outputs and move on.
+    With WRITE_GRAD (the fused mode, ``forward_grad_rows``) the program then makes a second pass
+    over the row it just reduced and writes the row's gradient with ``_grad_row``, the same code
+    as the gradient kernel, so fused and separate gradients are the same bits.
 
-``_grad_kernel``
+``_grad_kernel`` (per row: ``_grad_row``)
     dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau with p recomputed from the saved lse,
     written in the output's dtype. Rows with g == 0 and h == 0 store zeros without reading the
     logits. ``out`` may alias ``logits`` (in-place backward): each chunk is read before it is
@@ -25,9 +28,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG_RATIO_CLAMP = 20.0  # deltal_kernels.reference.LOG_RATIO_CLAMP
-K3_CLAMP = 10.0  # deltal_kernels.reference.K3_CLAMP
-NEG_BIG = -3.4028234663852886e38  # -FLT_MAX: a finite start for the running max (no inf * 0)
+# Globals a @triton.jit function reads must be tl.constexpr (the GPU compiler rejects plain ones;
+# the interpreter does not check).
+LOG_RATIO_CLAMP = tl.constexpr(20.0)  # deltal_kernels.reference.LOG_RATIO_CLAMP
+K3_CLAMP = tl.constexpr(10.0)  # deltal_kernels.reference.K3_CLAMP
+NEG_BIG = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: a finite start for the running max (no inf * 0)
 
 
 @triton.jit
@@ -52,8 +57,9 @@ def _forward_kernel(
     logits_ptr, stride_row, targets_ptr, scored_ptr, old_ptr, ref_ptr, adv_ptr,
     logp_ptr, entropy_ptr, lse_ptr, loss_ptr, dlogp_ptr, kl_ptr, flags_ptr,
     N, V, inv_tau, ratio_lo, ratio_hi, dual_clip, kl_coef, entropy_coef,
+    weights_ptr, grad_ptr, stride_grad, grad_scale,
     KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr, NEED_ENTROPY: tl.constexpr,
-    ENTROPY_IN_LOSS: tl.constexpr, BLOCK: tl.constexpr,
+    ENTROPY_IN_LOSS: tl.constexpr, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr, BF16_BY_HAND: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -141,6 +147,13 @@ def _forward_kernel(
             tl.store(dlogp_ptr + row64, dlogp)
             tl.store(kl_ptr + row64, kl)
             tl.store(flags_ptr + row64, flags.to(tl.uint8))
+            if WRITE_GRAD:
+                # the gradient of grad_scale * sum_t w_t l_t, as dispatch's backward forms it from
+                # d_loss = grad_output * w_t; a second pass over the row, which is still in L2 for
+                # most rows, instead of a full re-read of the logits in the backward launch
+                d_loss = grad_scale * tl.load(weights_ptr + row64)
+                _grad_row(x_row, grad_ptr + row64 * stride_grad, V, target, lse, entropy,
+                          d_loss * dlogp, d_loss * -entropy_coef, inv_tau, BLOCK, BF16_BY_HAND)
         else:  # unscored: no V work, zeros in every output
             zero = tl.cast(0.0, tl.float32)
             tl.store(logp_ptr + row64, zero)
@@ -150,6 +163,30 @@ def _forward_kernel(
             tl.store(dlogp_ptr + row64, zero)
             tl.store(kl_ptr + row64, zero)
             tl.store(flags_ptr + row64, tl.cast(0, tl.uint8))
+            if WRITE_GRAD:
+                _grad_row(logits_ptr, grad_ptr + row64 * stride_grad, V, 0, zero, zero, zero, zero, inv_tau,
+                          BLOCK, BF16_BY_HAND)
+
+
+@triton.jit
+def _grad_row(x_row, out_row, V, target, lse, entropy, g, h, inv_tau, BLOCK: tl.constexpr,
+              BF16_BY_HAND: tl.constexpr):
+    """One row of dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau, written to out_row."""
+    cols = tl.arange(0, BLOCK)
+    if (g != 0.0) | (h != 0.0):
+        for start in tl.range(0, V, BLOCK):
+            offs = start + cols
+            mask = offs < V
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            log_p = tl.where(mask, x * inv_tau - lse, 0.0)  # finite on the tail (never stored)
+            p = tl.exp(log_p)
+            grad = tl.where(offs == target, g, 0.0) - g * p - h * p * (log_p + entropy)
+            tl.store(out_row + offs, _round_to(grad * inv_tau, out_row.dtype.element_ty, BF16_BY_HAND), mask=mask)
+    else:  # g == h == 0 (unscored or zero-weight rows): exact zeros, the logits are not read
+        zeros = tl.zeros([BLOCK], dtype=out_row.dtype.element_ty)
+        for start in tl.range(0, V, BLOCK):
+            offs = start + cols
+            tl.store(out_row + offs, zeros, mask=offs < V)
 
 
 @triton.jit
@@ -159,27 +196,11 @@ def _grad_kernel(
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
     for row in tl.range(pid, N, nprog):
         row64 = tl.cast(row, tl.int64)
-        out_row = out_ptr + row64 * stride_out  # 64-bit row base
         g = tl.load(g_ptr + row64)
         h = tl.load(h_ptr + row64)
-        if (g != 0.0) | (h != 0.0):
-            x_row = logits_ptr + row64 * stride_x
-            lse = tl.load(lse_ptr + row64)
-            entropy = tl.load(entropy_ptr + row64)
-            target = tl.load(targets_ptr + row64)
-            for start in tl.range(0, V, BLOCK):
-                offs = start + cols
-                mask = offs < V
-                x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-                log_p = tl.where(mask, x * inv_tau - lse, 0.0)  # finite on the tail (never stored)
-                p = tl.exp(log_p)
-                grad = tl.where(offs == target, g, 0.0) - g * p - h * p * (log_p + entropy)
-                tl.store(out_row + offs, _round_to(grad * inv_tau, out_ptr.dtype.element_ty, BF16_BY_HAND), mask=mask)
-        else:  # g == h == 0 (unscored or zero-weight rows): exact zeros, the logits are not read
-            zeros = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
-            for start in tl.range(0, V, BLOCK):
-                offs = start + cols
-                tl.store(out_row + offs, zeros, mask=offs < V)
+        # lse/entropy/target are only used when g or h != 0 (loading them is harmless otherwise)
+        _grad_row(logits_ptr + row64 * stride_x, out_ptr + row64 * stride_out, V,  # 64-bit row bases
+                  tl.load(targets_ptr + row64), tl.load(lse_ptr + row64), tl.load(entropy_ptr + row64),
+                  g, h, inv_tau, BLOCK, BF16_BY_HAND)
