@@ -164,7 +164,8 @@ def extension_build():
             "deltal_kernels._C",
             cpp_sources + sources("csrc/cuda/*.cu"),
             include_dirs=include,
-            define_macros=macros + [("DK_WITH_CUDA", None)],
+            define_macros=macros + [("DK_WITH_CUDA", None)]
+            + ([("DK_CUDA_PTX", None)] if "PTX" in os.environ["TORCH_CUDA_ARCH_LIST"].upper() else []),
             extra_compile_args={"cxx": cxx_flags,
                                 "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-Wall",
                                          "-Werror=all-warnings"]},

@@ -50,7 +50,7 @@ DK_HD SoftmaxStats softmax_rescale(SoftmaxStats st, float new_m) {
   return {new_m, st.s * c, c * (st.u + d * st.s)};
 }
 
-// Add one value z <= st.m (st.m already covers it).
+// Add one value z <= st.m (st.m already covers it; st.m is finite).
 DK_HD void softmax_add(SoftmaxStats& st, float z) {
   const float d = z - st.m;
   const float e = dk_exp(d);
@@ -58,8 +58,9 @@ DK_HD void softmax_add(SoftmaxStats& st, float z) {
   st.u += e > 0.0f ? e * d : 0.0f;
 }
 
-// Add one value, raising the maximum first if needed.
+// Add one value, raising the maximum first if needed (-inf adds nothing).
 DK_HD void softmax_push(SoftmaxStats& st, float z) {
+  if (z == -INFINITY) return;
   if (z > st.m) st = softmax_rescale(st, z);
   softmax_add(st, z);
 }

@@ -1,0 +1,375 @@
+// CUDA row kernels, templated over the logits' dtype (float32, float16, bfloat16) and the number of
+// threads that share a row (GROUP): a warp per row (8 rows per 256-thread block) for small V, a
+// whole block per row otherwise.
+//
+// - 16-byte vectorised loads and stores (4 float32 / 8 half values) over the aligned body of each
+//   row; the elements before the first 16-byte boundary (rows of odd V start anywhere) and after
+//   the last whole packet are handled one by one.
+// - float32 accumulation; softmax statistics (max, sum exp, sum exp * (z - max)) kept online per
+//   thread and merged with warp shuffles (xor butterfly), then across the warps of a block through
+//   shared memory in a fixed order: deterministic, no atomics.
+// - 64-bit row offsets (row * V never overflows) and a grid-stride loop over rows, so N is unbounded
+//   and the grid is sized to the device, not to N.
+// - The per-row math (online softmax merge, clipping, KL, entropy, gradient element) is the shared
+//   row_math.h, the same code the CPU kernels run.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "deltal_kernels/kernels.h"
+#include "deltal_kernels/row_math.h"
+
+namespace deltal_kernels {
+namespace cuda {
+
+constexpr int kBlock = 256;        // threads per block
+constexpr int kWarp = 32;
+constexpr int64_t kSmallV = 4096;  // up to this V a warp handles a row; above, a block
+constexpr int kUnroll = 4;         // 16-byte packets in flight per thread
+
+// 16 bytes of logits: one vectorised load or store
+template <typename T>
+union Packet {
+  static constexpr int N = 16 / sizeof(T);
+  uint4 raw;
+  T v[N];
+};
+
+struct ForwardParams {
+  const void* logits;
+  const int64_t* targets;
+  const bool* scored;
+  const float* old_logprobs;
+  const float* ref_logprobs;  // nullptr: no KL term
+  const float* advantages;
+  int64_t N;
+  int64_t V;
+  float inv_tau;
+  bool need_entropy;
+  RowParams params;
+  float* logp;
+  float* entropy;
+  float* lse;
+  float* loss;
+  float* dlogp;
+  float* kl;
+  uint8_t* flags;
+};
+
+struct GradParams {
+  const void* logits;
+  void* out;  // may be logits itself: every element is read before it is written, by the same thread
+  const int64_t* targets;
+  const float* lse;
+  const float* entropy;
+  const float* g;
+  const float* h;
+  int64_t N;
+  int64_t V;
+  float inv_tau;
+};
+
+// Elements of a row before its first 16-byte boundary (all of them if the row is not even
+// element-aligned, which contiguous tensors never are).
+template <typename T>
+__device__ __forceinline__ int64_t head_count(const void* row, int64_t V) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+  if (addr % sizeof(T) != 0) return V;
+  const int64_t head = static_cast<int64_t>(((16 - (addr & 15)) & 15) / sizeof(T));
+  return head < V ? head : V;
+}
+
+template <typename T>
+__device__ __forceinline__ void push_packet(SoftmaxStats& st, const Packet<T>& p, float inv_tau) {
+  float z[Packet<T>::N];
+  float vmax = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < Packet<T>::N; ++k) {
+    z[k] = static_cast<float>(p.v[k]) * inv_tau;
+    vmax = fmaxf(vmax, z[k]);
+  }
+  if (vmax == -INFINITY) return;  // nothing but -inf: adds nothing
+  if (vmax > st.m) st = softmax_rescale(st, vmax);
+#pragma unroll
+  for (int k = 0; k < Packet<T>::N; ++k) softmax_add(st, z[k]);
+}
+
+__device__ __forceinline__ SoftmaxStats shfl_xor(const SoftmaxStats& st, int offset) {
+  return {__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset),
+          __shfl_xor_sync(0xffffffffu, st.u, offset)};
+}
+
+// The statistics of the whole group; every thread of the group gets the same value.
+template <int GROUP>
+__device__ __forceinline__ SoftmaxStats group_reduce(SoftmaxStats st, SoftmaxStats* smem) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) st = softmax_merge(st, shfl_xor(st, offset));
+  if constexpr (GROUP > kWarp) {
+    if (threadIdx.x % kWarp == 0) smem[threadIdx.x / kWarp] = st;
+    __syncthreads();
+    st = smem[0];
+#pragma unroll
+    for (int w = 1; w < GROUP / kWarp; ++w) st = softmax_merge(st, smem[w]);  // fixed order
+    __syncthreads();  // smem is reused for the next row
+  }
+  return st;
+}
+
+template <typename T, int GROUP>
+__global__ void __launch_bounds__(kBlock) forward_kernel(const ForwardParams a) {
+  static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
+  constexpr int ROWS = kBlock / GROUP;
+  constexpr int VEC = Packet<T>::N;
+  __shared__ SoftmaxStats smem[kBlock / kWarp];
+  const int tid = threadIdx.x % GROUP;
+  const int64_t V = a.V;
+  const float inv_tau = a.inv_tau;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
+  // the loop condition and the skip of unscored rows are uniform over a group (a block when GROUP
+  // is the block), so the barriers in group_reduce are reached by all of its threads
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
+    if (!a.scored[row]) continue;  // outputs are zero-filled; unscored rows do no V work
+    const T* x = static_cast<const T*>(a.logits) + row * V;
+    const int64_t head = head_count<T>(x, V);
+    const int64_t nvec = (V - head) / VEC;
+    const Packet<T>* body = reinterpret_cast<const Packet<T>*>(x + head);
+
+    SoftmaxStats st = softmax_empty();
+    for (int64_t j = tid; j < head; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
+    int64_t i = tid;
+    for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
+      Packet<T> p[kUnroll];
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) p[k].raw = __ldg(&body[i + k * GROUP].raw);
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) push_packet(st, p[k], inv_tau);
+    }
+    for (; i < nvec; i += GROUP) {
+      Packet<T> p;
+      p.raw = __ldg(&body[i].raw);
+      push_packet(st, p, inv_tau);
+    }
+    for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
+    st = group_reduce<GROUP>(st, smem);
+
+    if (tid == 0) {
+      const int64_t y = a.targets[row];
+      // targets are validated before any kernel runs; one that is out of range anyway (e.g. under
+      // torch.compile, which skips the value checks) gives NaN, never an out-of-bounds read
+      const float zy = (y >= 0 && y < V) ? static_cast<float>(x[y]) * inv_tau : NAN;
+      const float lse = softmax_lse(st);
+      const float logp = zy - lse;
+      const float entropy = a.need_entropy ? softmax_entropy(st) : 0.0f;
+      const float ref = a.ref_logprobs != nullptr ? a.ref_logprobs[row] : 0.0f;
+      const RowTerms t = row_terms(logp, entropy, a.old_logprobs[row], ref, a.advantages[row], a.params);
+      a.logp[row] = logp;
+      a.entropy[row] = entropy;
+      a.lse[row] = lse;
+      a.loss[row] = t.loss;
+      a.dlogp[row] = t.dlogp;
+      a.kl[row] = t.kl;
+      a.flags[row] = t.flags;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T grad_element(T xv, int64_t j, int64_t y, float lse, float entropy, float g, float h,
+                                          float inv_tau) {
+  const float log_p = static_cast<float>(xv) * inv_tau - lse;
+  return T(logit_grad(log_p, dk_exp(log_p), j == y, entropy, g, h, inv_tau));
+}
+
+template <typename T, int GROUP>
+__global__ void __launch_bounds__(kBlock) grad_kernel(const GradParams a) {
+  static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
+  constexpr int ROWS = kBlock / GROUP;
+  constexpr int VEC = Packet<T>::N;
+  const int tid = threadIdx.x % GROUP;
+  const int64_t V = a.V;
+  const float inv_tau = a.inv_tau;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
+    const T* x = static_cast<const T*>(a.logits) + row * V;
+    T* out = static_cast<T*>(a.out) + row * V;
+    const float g = a.g[row], h = a.h[row];
+    const uintptr_t xa = reinterpret_cast<uintptr_t>(x), oa = reinterpret_cast<uintptr_t>(out);
+
+    if (g == 0.0f && h == 0.0f) {  // exact zeros, without reading the logits
+      const int64_t head = head_count<T>(out, V);
+      const int64_t nvec = (V - head) / VEC;
+      Packet<T>* body = reinterpret_cast<Packet<T>*>(out + head);
+      Packet<T> zero;
+      zero.raw = make_uint4(0u, 0u, 0u, 0u);
+      for (int64_t j = tid; j < head; j += GROUP) out[j] = T(0.0f);
+      for (int64_t i = tid; i < nvec; i += GROUP) body[i].raw = zero.raw;
+      for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) out[j] = T(0.0f);
+      continue;
+    }
+    const int64_t y = a.targets[row];  // out of range (never after validation): no onehot, no OOB access
+    const float lse = a.lse[row], entropy = a.entropy[row];
+    // packets need the logits and the gradient at the same offset from a 16-byte boundary (always
+    // true in place and for two allocations; otherwise the row goes element by element)
+    const int64_t head = ((xa ^ oa) & 15) == 0 ? head_count<T>(x, V) : V;
+    const int64_t nvec = (V - head) / VEC;
+    const Packet<T>* xb = reinterpret_cast<const Packet<T>*>(x + head);
+    Packet<T>* ob = reinterpret_cast<Packet<T>*>(out + head);
+
+    for (int64_t j = tid; j < head; j += GROUP) out[j] = grad_element(x[j], j, y, lse, entropy, g, h, inv_tau);
+    int64_t i = tid;
+    for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
+      Packet<T> p[kUnroll];
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) p[k].raw = xb[i + k * GROUP].raw;
+#pragma unroll
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t j0 = head + (i + k * GROUP) * VEC;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) p[k].v[e] = grad_element(p[k].v[e], j0 + e, y, lse, entropy, g, h, inv_tau);
+        ob[i + k * GROUP].raw = p[k].raw;
+      }
+    }
+    for (; i < nvec; i += GROUP) {
+      Packet<T> p;
+      p.raw = xb[i].raw;
+      const int64_t j0 = head + i * VEC;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) p.v[e] = grad_element(p.v[e], j0 + e, y, lse, entropy, g, h, inv_tau);
+      ob[i].raw = p.raw;
+    }
+    for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP)
+      out[j] = grad_element(x[j], j, y, lse, entropy, g, h, inv_tau);
+  }
+}
+
+// Enough blocks to fill the device (resident blocks per SM x SMs), no more than the rows need;
+// the kernels loop over the remaining rows.
+template <typename Kernel>
+int64_t grid_size(Kernel kernel, int64_t N, int rows_per_block) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t needed = (N + rows_per_block - 1) / rows_per_block;
+  return std::max<int64_t>(1, std::min<int64_t>(needed, static_cast<int64_t>(std::max(per_sm, 1)) * sms));
+}
+
+template <typename T, int GROUP>
+void launch_forward(const ForwardParams& a) {
+  auto kernel = forward_kernel<T, GROUP>;
+  const int64_t grid = grid_size(kernel, a.N, kBlock / GROUP);
+  kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int GROUP>
+void launch_grad(const GradParams& a) {
+  auto kernel = grad_kernel<T, GROUP>;
+  const int64_t grid = grid_size(kernel, a.N, kBlock / GROUP);
+  kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void forward_dtype(const ForwardParams& a) {
+  if (a.V <= kSmallV) {
+    launch_forward<T, kWarp>(a);
+  } else {
+    launch_forward<T, kBlock>(a);
+  }
+}
+
+template <typename T>
+void grad_dtype(const GradParams& a) {
+  if (a.V <= kSmallV) {
+    launch_grad<T, kWarp>(a);
+  } else {
+    launch_grad<T, kBlock>(a);
+  }
+}
+
+}  // namespace cuda
+
+void forward_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
+                       const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
+                       const at::Tensor& advantages, const RowParams& params, float inv_tau,
+                       bool need_entropy, ForwardOutputs& out) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const cuda::ForwardParams a{logits.const_data_ptr(),
+                              targets.const_data_ptr<int64_t>(),
+                              scored.const_data_ptr<bool>(),
+                              old_logprobs.const_data_ptr<float>(),
+                              ref_logprobs.defined() ? ref_logprobs.const_data_ptr<float>() : nullptr,
+                              advantages.const_data_ptr<float>(),
+                              logits.size(0),
+                              logits.size(1),
+                              inv_tau,
+                              need_entropy,
+                              params,
+                              out.logp.mutable_data_ptr<float>(),
+                              out.entropy.mutable_data_ptr<float>(),
+                              out.lse.mutable_data_ptr<float>(),
+                              out.loss.mutable_data_ptr<float>(),
+                              out.dlogp.mutable_data_ptr<float>(),
+                              out.kl.mutable_data_ptr<float>(),
+                              out.flags.mutable_data_ptr<uint8_t>()};
+  switch (logits.scalar_type()) {
+    case at::kFloat: cuda::forward_dtype<float>(a); break;
+    case at::kHalf: cuda::forward_dtype<c10::Half>(a); break;
+    case at::kBFloat16: cuda::forward_dtype<c10::BFloat16>(a); break;
+    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
+  }
+}
+
+void grad_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+                    const at::Tensor& entropy, const at::Tensor& g, const at::Tensor& h, float inv_tau,
+                    const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const cuda::GradParams a{logits.const_data_ptr(),
+                           out.data_ptr(),
+                           targets.const_data_ptr<int64_t>(),
+                           lse.const_data_ptr<float>(),
+                           entropy.const_data_ptr<float>(),
+                           g.const_data_ptr<float>(),
+                           h.const_data_ptr<float>(),
+                           logits.size(0),
+                           logits.size(1),
+                           inv_tau};
+  switch (logits.scalar_type()) {
+    case at::kFloat: cuda::grad_dtype<float>(a); break;
+    case at::kHalf: cuda::grad_dtype<c10::Half>(a); break;
+    case at::kBFloat16: cuda::grad_dtype<c10::BFloat16>(a); break;
+    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
+  }
+}
+
+#define DK_STRINGIFY2(...) #__VA_ARGS__
+#define DK_STRINGIFY(...) DK_STRINGIFY2(__VA_ARGS__)
+
+std::string cuda_build_info() {
+  std::ostringstream s;
+#ifdef __CUDA_ARCH_LIST__
+  s << "cuda_arch_list=" << DK_STRINGIFY(__CUDA_ARCH_LIST__) << "\n";
+#endif
+#ifdef DK_CUDA_PTX
+  s << "cuda_ptx=1\n";
+#else
+  s << "cuda_ptx=0\n";
+#endif
+  s << "nvcc_version=" << __CUDACC_VER_MAJOR__ << "." << __CUDACC_VER_MINOR__ << "." << __CUDACC_VER_BUILD__ << "\n";
+  s << "cuda_runtime_version=" << CUDART_VERSION << "\n";
+  return s.str();
+}
+
+}  // namespace deltal_kernels
