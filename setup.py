@@ -20,7 +20,7 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent
 VERSION = "0.1.0"
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
