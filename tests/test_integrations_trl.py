@@ -1,0 +1,206 @@
+"""TRL integration: DeltaLGRPOTrainer's loss and gradients against TRL's own GRPOTrainer.
+
+A tiny randomly initialised Llama built from a config and a word-level tokenizer built locally (no
+downloads). Both trainers get the same model weights and the same batch; the loss and every
+parameter gradient must agree, for each of TRL's loss types we compute, with and without the KL
+term. Delta-L is checked through TRL's own dr_grpo code (the clipped objective is positively
+homogeneous in the advantage, so Delta-L equals dr_grpo with rescaled advantages), and by two real
+optimizer steps with generation on CPU.
+"""
+import copy
+import os
+
+import pytest
+
+pytest.importorskip("trl", reason="trl is not installed (requirements/dev.txt)")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from deltal_kernels.integrations.trl import DeltaLGRPOConfig, DeltaLGRPOTrainer  # noqa: E402
+
+WORDS = ["<pad>", "<eos>", "<unk>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+K = 6  # max_completion_length
+GA = 2  # gradient accumulation steps (TRL's normalisers divide by it)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny causal LM and its tokenizer, saved locally (the KL reference model is loaded from here)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def dataset():
+    return Dataset.from_dict({"prompt": ["a b c", "d e", "f g h i", "j k"]})
+
+
+def reward_len(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def common_args(tmp_path, **kw):
+    opts = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_completion_length=K,
+                gradient_accumulation_steps=GA, report_to="none", bf16=False, use_cpu=True, save_strategy="no",
+                epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False, seed=0)
+    opts.update(kw)
+    return opts
+
+
+def make_pair(model_dir, tmp_path, beta):
+    """TRL's trainer and ours on identical float64 copies of the tiny model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = LlamaForCausalLM.from_pretrained(model_dir).double()
+    trl_trainer = GRPOTrainer(copy.deepcopy(base), reward_funcs=reward_len, train_dataset=dataset(),
+                              processing_class=tokenizer, args=GRPOConfig(**common_args(tmp_path / "trl", beta=beta)))
+    ours = DeltaLGRPOTrainer(copy.deepcopy(base), reward_funcs=reward_len, train_dataset=dataset(),
+                             processing_class=tokenizer,
+                             args=DeltaLGRPOConfig(**common_args(tmp_path / "dk", beta=beta, dk_backend="torch")))
+    for t in (trl_trainer, ours):
+        t.model.train()  # train-mode normalisers (gradient accumulation)
+        t.current_gradient_accumulation_steps = GA  # set by the training loop, which these calls bypass
+    return trl_trainer, ours
+
+
+def micro_batch(model, seed, *, with_old=True, with_ref=True):
+    """One micro-batch in TRL's layout: left-padded prompts, right-padded ragged completions."""
+    gen = torch.Generator().manual_seed(seed)
+    B, P = 4, 3
+    prompt_ids = torch.randint(3, len(WORDS), (B, P), generator=gen)
+    prompt_mask = torch.ones(B, P, dtype=torch.int64)
+    prompt_mask[1, 0] = prompt_mask[3, :2] = 0
+    prompt_ids[prompt_mask == 0] = 0
+    completion_ids = torch.randint(3, len(WORDS), (B, K), generator=gen)
+    lengths = torch.tensor([6, 2, 4, 1])
+    completion_mask = (torch.arange(K)[None, :] < lengths[:, None]).to(torch.int64)
+    completion_ids[completion_mask == 0] = 0
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                  completion_mask=completion_mask, advantages=torch.randn(B, generator=gen, dtype=torch.float64),
+                  # dapo's normaliser: active tokens of the whole generation batch (two micro-batches here)
+                  num_items_in_batch=torch.tensor(2.0 * float(lengths.sum())))
+    with torch.no_grad():  # the current log-probs, to place old/ref log-probs around them
+        logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1),
+                       attention_mask=torch.cat([prompt_mask, completion_mask], 1)).logits[:, P - 1:-1]
+        logp = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None]).squeeze(-1)
+    if with_old:  # far enough from the current policy for both clip sides to act
+        inputs["old_per_token_logps"] = logp + 0.6 * torch.randn(B, K, generator=gen, dtype=torch.float64)
+    if with_ref:
+        inputs["ref_per_token_logps"] = logp + 0.3 * torch.randn(B, K, generator=gen, dtype=torch.float64)
+    return inputs
+
+
+def loss_and_grads(trainer, inputs):
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(got, expected):
+    # TRL computes its log-probs in float32 (trl/kernels/chunked_logprob.py) even for this float64
+    # model, while dk runs in float64 here: the difference is TRL's float32 rounding, a few ulps (2^-23)
+    tol = 1e-6
+    torch.testing.assert_close(got[0], expected[0], rtol=tol, atol=0)
+    assert got[1].keys() == expected[1].keys() and len(expected[1]) > 0
+    for name, g in expected[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=tol, atol=tol * g.abs().max().item(), msg=name)
+
+
+@pytest.fixture(scope="module", params=[0.0, 0.05], ids=["beta0", "beta0.05"])
+def pair(request, model_dir, tmp_path_factory):
+    return make_pair(model_dir, tmp_path_factory.mktemp("runs"), request.param)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+@pytest.mark.parametrize("with_old", [True, False], ids=["off-policy", "on-policy"])
+def test_loss_and_gradients_equal_trl(pair, loss_type, with_old):
+    trl_trainer, ours = pair
+    trl_trainer.loss_type = ours.loss_type = loss_type
+    inputs = micro_batch(trl_trainer.model, seed=15, with_old=with_old, with_ref=trl_trainer.beta != 0)
+    expected = loss_and_grads(trl_trainer, inputs)
+    got = loss_and_grads(ours, inputs)
+    assert_same(got, expected)
+
+    # TRL's logging is kept: the same metrics, same values
+    names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+             "clip_ratio/low_min", "clip_ratio/high_max"] + (["kl"] if trl_trainer.beta != 0 else [])
+    for name in names:
+        assert ours._metrics["train"][name][-1] == pytest.approx(trl_trainer._metrics["train"][name][-1], rel=1e-6), name
+    if with_old:  # the batch exercises clipping on both sides
+        assert trl_trainer._metrics["train"]["clip_ratio/low_mean"][-1] > 0
+        assert trl_trainer._metrics["train"]["clip_ratio/high_mean"][-1] > 0
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_delta_l_is_trl_dr_grpo_with_rescaled_advantages(model_dir, tmp_path, alpha):
+    trl_trainer, ours = make_pair(model_dir, tmp_path, 0.0)
+    ours.loss_type, ours.delta_l_alpha, trl_trainer.loss_type = "delta-l", alpha, "dr_grpo"
+    inputs = micro_batch(trl_trainer.model, seed=11, with_ref=False)
+    L = inputs["completion_mask"].sum(1).to(torch.float64)
+    inv = L ** -alpha
+    # Delta-L weights of a generation batch that is this micro-batch (steps_per_generation = GA)
+    inputs["delta_l_weights"] = inv / (K * inv.sum())
+    got = loss_and_grads(ours, inputs)
+    # TRL's dr_grpo weighs every completion 1 / (B * K * GA); Delta-L's optimizer step weighs it
+    # w_i * steps_per_generation / GA: scaling A_i by w_i * B * K * steps_per_generation turns one into the other
+    B = L.numel()
+    rescaled = dict(inputs, advantages=inputs["advantages"] * inv / inv.sum() * B * ours.args.steps_per_generation)
+    expected = loss_and_grads(trl_trainer, rescaled)
+    assert_same(got, expected)
+
+
+def test_generation_batch_weights_are_delta_l_over_the_batch(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    args = DeltaLGRPOConfig(**common_args(tmp_path, delta_l_alpha=0.75))
+    trainer = DeltaLGRPOTrainer(model_dir, reward_funcs=reward_len, train_dataset=dataset(),
+                                processing_class=AutoTokenizer.from_pretrained(model_dir), args=args)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in ["a b c", "a b c", "d e", "d e"]])
+    L = batch["completion_mask"].sum(1).to(torch.float64)
+    expected = L ** -0.75 / (K * (L ** -0.75).sum())
+    torch.testing.assert_close(batch["delta_l_weights"], expected, rtol=1e-14, atol=0)
+
+
+def test_two_optimizer_steps_with_delta_l(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    args = DeltaLGRPOConfig(**common_args(tmp_path, max_steps=2, logging_steps=1, learning_rate=1e-2,
+                                          gradient_accumulation_steps=2, delta_l_alpha=1.0))
+    trainer = DeltaLGRPOTrainer(model_dir, reward_funcs=reward_len, train_dataset=dataset(),
+                                processing_class=AutoTokenizer.from_pretrained(model_dir), args=args)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.state.global_step == 2
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(moved) == len(before)  # every parameter got a gradient and an update
+    logs = [entry for entry in trainer.state.log_history if "entropy" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert torch.isfinite(torch.tensor(entry["loss"])) and entry["grad_norm"] > 0
+        assert {"clip_ratio/region_mean", "clip_ratio/high_max"} <= entry.keys()
+
+
+@pytest.mark.parametrize("option,value", [("loss_type", "cispo"), ("importance_sampling_level", "sequence"),
+                                          ("top_entropy_quantile", 0.5), ("off_policy_mask_threshold", 0.5),
+                                          ("delta", 1.1)])
+def test_unsupported_options_are_refused_by_name(model_dir, tmp_path, option, value):
+    args = DeltaLGRPOConfig(**common_args(tmp_path, **{option: value}))
+    with pytest.raises(ValueError, match=option):
+        DeltaLGRPOTrainer(model_dir, reward_funcs=reward_len, train_dataset=dataset(), args=args)
