@@ -181,6 +181,47 @@ def test_unscored_rows_are_never_read():
     assert not grad[~mask].any() and torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_minus_inf_logits(dtype):
+    """-inf logits (a masked or padded vocabulary) are probability 0: finite logp, entropy and
+    gradient, and exact zeros in the gradient there. The float64 reference, which computes
+    p * log p as 0 * -inf = NaN, is run with -1e4 in their place (exp underflows to exactly 0)."""
+    batch = make_batch([3, 0, 4], 1000, dtype=dtype, device=DEVICE, seed=18, mask_frac=0.2)
+    logits = batch["logits"]
+    gen = torch.Generator().manual_seed(0)
+    holes = torch.rand(logits.shape, generator=gen) < 0.3
+    holes[:, -24:] = True  # a padded vocabulary tail
+    holes[torch.arange(logits.shape[0]), batch["targets"].cpu()] = False
+    holes[:, 0] = False
+    holes = holes.to(DEVICE)
+    batch["logits"] = logits.masked_fill(holes, float("-inf"))
+    opts = dict(max_len=8, entropy_coef=0.05, kl_coef=0.1, temperature=0.9)
+    out, grad = run(dk.policy_loss, batch, backend="triton", **opts)
+    finite = dict(batch, logits=batch["logits"].double().masked_fill(holes, -1e4))
+    ref, ref_grad = run(dk.reference.policy_loss, {k: v.cpu() for k, v in finite.items()}, **opts)
+    torch.testing.assert_close(out.loss.double().cpu(), ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logprobs.double().cpu(), ref.logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy.double().cpu(), ref.entropy, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grad).all() and not grad[holes].any()
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=rounding, atol=1e-7)
+
+
+def test_out_of_range_target_reads_nothing():
+    """prepare() rejects such targets, except under torch.compile (no value checks there): the
+    kernels must still stay in bounds. logp becomes NaN, the gradient writes no one-hot entry."""
+    batch = make_batch([3], 64, device=DEVICE, seed=19, mask_frac=0.0)
+    targets, scored, old, ref, adv = row_inputs(batch)
+    targets = targets.clone()
+    targets[0], targets[2] = 64, -1
+    rows = dtr.forward_rows(batch["logits"], targets, scored, old, ref, adv, PARAMS, True)
+    assert rows[0][[0, 2]].isnan().all() and rows[0][1].isfinite()
+    out = torch.empty_like(batch["logits"])
+    g, h = torch.ones(3, device=DEVICE), torch.zeros(3, device=DEVICE)
+    dtr.grad_rows(batch["logits"], targets, rows[2], rows[1], g, h, 1.0, out)
+    assert (out[[0, 2]] <= 0).all()  # -p only: the one-hot landed nowhere
+
+
 def test_grid_stride_loop_over_rows(monkeypatch):
     """Fewer programs than rows (what N > MAX_PROGRAMS does): bitwise the same results."""
     batch = make_batch([0, 5, 1, 0, 4], 500, dtype=torch.bfloat16, device=DEVICE, seed=14)

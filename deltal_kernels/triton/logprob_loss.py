@@ -82,12 +82,16 @@ def _forward_kernel(
                 e = tl.exp(zc)  # 0 on the masked tail
                 if NEED_ENTROPY:
                     # re-centre the old partial sum on m_new: sum e'(z - m_new) = alpha (t + (m - m_new) s)
-                    t = alpha * (t + (m - m_new) * s) + tl.sum(e * tl.where(mask, zc, 0.0), axis=0)
+                    # (e > 0: the masked tail and -inf logits add 0, not 0 * -inf)
+                    t = alpha * (t + (m - m_new) * s) + tl.sum(e * tl.where(e > 0.0, zc, 0.0), axis=0)
                 s = s * alpha + tl.sum(e, axis=0)
                 m = m_new
             log_s = tl.log(s)
             target = tl.load(targets_ptr + row64)
-            z_y = tl.load(x_row + target).to(tl.float32) * inv_tau
+            # validation rejects targets outside [0, V) eagerly, but not under torch.compile: an
+            # out-of-range target gives logp = NaN here instead of a read out of bounds
+            z_y = tl.load(x_row + target, mask=(target >= 0) & (target < V), other=float("nan"))
+            z_y = z_y.to(tl.float32) * inv_tau
             logp = (z_y - m) - log_s
             lse = m + log_s
             if NEED_ENTROPY:
@@ -180,7 +184,8 @@ def _grad_row(x_row, out_row, V, target, lse, entropy, g, h, inv_tau, BLOCK: tl.
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             log_p = tl.where(mask, x * inv_tau - lse, 0.0)  # finite on the tail (never stored)
             p = tl.exp(log_p)
-            grad = tl.where(offs == target, g, 0.0) - g * p - h * p * (log_p + entropy)
+            # p * (log p + H) is 0 where p is 0 (a -inf logit), not 0 * -inf
+            grad = tl.where(offs == target, g, 0.0) - g * p - h * p * tl.where(p > 0.0, log_p + entropy, 0.0)
             tl.store(out_row + offs, _round_to(grad * inv_tau, out_row.dtype.element_ty, BF16_BY_HAND), mask=mask)
     else:  # g == h == 0 (unscored or zero-weight rows): exact zeros, the logits are not read
         zeros = tl.zeros([BLOCK], dtype=out_row.dtype.element_ty)
