@@ -204,3 +204,37 @@ def test_unsupported_options_are_refused_by_name(model_dir, tmp_path, option, va
     args = DeltaLGRPOConfig(**common_args(tmp_path, **{option: value}))
     with pytest.raises(ValueError, match=option):
         DeltaLGRPOTrainer(model_dir, reward_funcs=reward_len, train_dataset=dataset(), args=args)
+
+
+def _two_process_worker(rank, world, port, model_dir, out_dir):
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    args = DeltaLGRPOConfig(**common_args(out_dir, delta_l_alpha=0.75, gradient_accumulation_steps=1))
+    trainer = DeltaLGRPOTrainer(model_dir, reward_funcs=reward_len, train_dataset=dataset(),
+                                processing_class=AutoTokenizer.from_pretrained(model_dir), args=args)
+    assert trainer.accelerator.num_processes == world and dist.is_initialized()
+    trainer.model.train()
+    prompts = [["a b c", "a b c", "d e", "d e"], ["f g h i", "f g h i", "j k", "j k"]][rank]
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in prompts])
+    lengths = batch["completion_mask"].sum(1)
+    everyone = [torch.zeros_like(lengths) for _ in range(world)]
+    dist.all_gather(everyone, lengths)
+    inv_all = torch.cat(everyone).to(torch.float64) ** -0.75
+    # Delta-L over both processes' completions, times the world size for DDP's gradient mean
+    expected = lengths.to(torch.float64) ** -0.75 / (K * inv_all.sum()) * world
+    torch.testing.assert_close(batch["delta_l_weights"], expected, rtol=1e-14, atol=0)
+
+
+def test_delta_l_weights_span_all_processes(model_dir, tmp_path):
+    """Two gloo processes (accelerate's MULTI_CPU), different prompts per process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_worker, args=(2, port, model_dir, str(tmp_path)), nprocs=2, join=True)
