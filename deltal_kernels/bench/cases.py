@@ -105,6 +105,7 @@ def make_batch(case: Case, device, seed: int = 0):
     and the KL term is small, as a few steps into training.
     """
     gen = torch.Generator().manual_seed(seed)
+    device_gen = torch.Generator(device=device).manual_seed(seed)
     prompts, responses = rollout_lengths(case.N, case.max_len, gen)
     lengths = torch.tensor([p + r for p, r in zip(prompts, responses)])
     mask = torch.cat([torch.cat([torch.zeros(p, dtype=torch.bool), torch.ones(r, dtype=torch.bool)])
@@ -117,7 +118,7 @@ def make_batch(case: Case, device, seed: int = 0):
     rows = max(1, (1 << 26) // case.V)  # draw and score the logits a slab at a time: no [N, V] float32
     for start in range(0, case.N, rows):
         end = min(case.N, start + rows)
-        slab = torch.randn(end - start, case.V, device=device) * 2.0
+        slab = torch.randn(end - start, case.V, device=device, generator=device_gen) * 2.0
         logits[start:end] = slab.to(case.torch_dtype)
         z = logits[start:end].float()
         true_logp[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - torch.logsumexp(z, -1)

@@ -30,7 +30,11 @@ MEMORY_METHOD = {
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="deltal-bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="deltal-bench",
+        description="Time, effective bandwidth and peak memory of every deltal-kernels backend and of the "
+                    "baselines (eager reference, torch.compile of it, TRL/Unsloth chunked log-softmax, Liger on "
+                    "CUDA), side by side, on the device present. Writes <out>/<device>.{json,csv,png}.")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present, else cpu")
     p.add_argument("--quick", action="store_true", help="the target shape(s) only, fewer repeats")
     p.add_argument("--N", type=int, nargs="+", help="rows (tokens); with --V and --dtype replaces the grid")
@@ -64,7 +68,7 @@ def versions() -> dict:
 
 
 def _error(e: Exception) -> str:
-    if isinstance(e, torch.OutOfMemoryError):
+    if isinstance(e, torch.cuda.OutOfMemoryError):
         return "out of memory"
     first = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {first}"[:120]
@@ -153,6 +157,8 @@ def main(argv=None) -> int:
     copy_bw, peak_bw = measure.copy_bandwidth(device), measure.peak_bandwidth(device)
     console.print(f"copy bandwidth measured now: {copy_bw / 1e9:.1f} GB/s"
                   + (f"; datasheet peak {peak_bw / 1e9:.0f} GB/s" if peak_bw else ""))
+    console.print(f"times: medians of {reps} calls each, the implementations' calls interleaved; "
+                  f"extra peak memory: {MEMORY_METHOD[device.type]}")
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device.type,
                 device_name=name, platform=platform.platform(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), load_average=os.getloadavg(), **versions(),
@@ -172,7 +178,7 @@ def main(argv=None) -> int:
             progress.update(task, description=f"{case.label}: drawing the batch")
             try:
                 logits, batch = make_batch(case, device)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 console.print(f"[red]{case.label}: the logits do not fit on {name}, case skipped[/red]")
                 progress.advance(task, len(impls) * (reps + 1))
                 _free(device)

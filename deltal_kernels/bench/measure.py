@@ -1,19 +1,20 @@
 """Timing, peak memory, the device's bandwidth and the bytes each schedule must move.
 
 Timing: forward, backward and forward+backward come from the same calls (three time stamps per
-call); the caller takes medians over repeats. On a GPU the stamps are CUDA events, read after a synchronize;
-on the CPU they are ``time.perf_counter``. The backward is ``torch.autograd.grad(loss, logits)``:
-the gradient is handed on as it would be to the lm_head's backward, never accumulated into a
-``.grad`` (which would copy a gradient that aliases the logits, as ``inplace_backward``'s does).
+call); the caller takes medians over repeats. On a GPU the stamps are CUDA events, read after a
+synchronize; on the CPU they are ``time.perf_counter``. The backward is
+``torch.autograd.grad(loss, logits)``: the gradient is handed on as it would be to the lm_head's
+backward, never accumulated into a ``.grad`` (which would copy a gradient that aliases the
+logits, as ``inplace_backward``'s does).
 
 Peak memory beyond inputs and gradient: how far the peak of one forward+backward rises above the
 memory it cannot avoid, the inputs (allocated before the call) plus the gradient (N*V elements of
 the logits' dtype; none with ``inplace_backward``). On a GPU the peak is
-``torch.cuda.max_memory_allocated`` over the call, minus what was allocated before it. On the CPU there is
-no such counter, so every allocation and free of PyTorch's CPU allocator during one
+``torch.cuda.max_memory_allocated`` over the call, minus what was allocated before it. On the CPU
+there is no such counter, so every allocation and free of PyTorch's CPU allocator during one
 forward+backward is recorded with ``torch.profiler`` (``profile_memory=True``) and replayed in
-order; its running maximum is the peak. Memory that code allocates behind
-PyTorch's allocator (a compiled kernel's own malloc) is not seen by that count.
+order; its running maximum is the peak. Memory that code allocates behind PyTorch's allocator (a
+compiled kernel's own malloc) is not seen by that count.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ PEAK_BANDWIDTH = (
     ("H100 NVL", 3.9e12),
     ("H100 PCIe", 2.0e12),
     ("H100", 3.35e12),  # SXM, "NVIDIA H100 80GB HBM3"
-    ("H200", 4.8e12),
+    ("GH200 144G", 4.9e12),  # before "H200", which both GH200 names contain
     ("GH200", 4.0e12),
+    ("H200", 4.8e12),
     ("B200", 8.0e12),
     ("A100-SXM4-80GB", 2.039e12),
     ("A100 80GB PCIe", 1.935e12),
