@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <bit>
 #include <cstdint>
+#include <cstring>
 
 #include "deltal_kernels/kernels.h"
 #include "deltal_kernels/row_math.h"
@@ -31,59 +32,139 @@
 #define DK_CPU_INLINE inline
 #endif
 
+// The 64-byte vector type below is only ever passed between always_inline functions, so no vector
+// crosses a call boundary and GCC's note that such a call's ABI differs with AVX-512 does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace deltal_kernels {
 namespace cpu {
 
-constexpr int W = 16;            // lanes the inner loops are written for (one AVX-512 / two AVX2 registers)
+constexpr int W = 16;            // lanes of one vector (one AVX-512 register, two AVX2, four SSE2)
 constexpr int64_t CHUNK = 1024;  // elements converted to float32 at a time (4 KiB: stays in L1)
+
+// GCC/Clang vector extensions: 16 float32 lanes, lowered to the widest SIMD the function is compiled
+// for (see DK_CPU_CLONES), with no intrinsics to keep per instruction set.
+typedef float vfloat __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(W * sizeof(int32_t))));
+
+DK_CPU_INLINE vfloat splat(float v) { return vfloat{} + v; }
+DK_CPU_INLINE vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+DK_CPU_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+DK_CPU_INLINE vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
 
 // exp(x) for x <= 0 (larger x is clamped to 88): Cody-Waite reduction x = n ln2 + r, a degree-6
 // polynomial for exp(r) (Cephes expf, ~1 ulp), and 2^n built in the exponent bits. Returns exactly
 // 0 below -87 (where float32 exp is subnormal; relative to a softmax sum >= 1 it is nothing) and for
-// -inf. Branch-free, so the loops that call it vectorise.
-DK_CPU_INLINE float exp_lane(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float n = (xc * 1.44269504088896341f + shifter) - shifter;
-  float r = xc - n * 0.693359375f;
+// -inf. exp_lane and exp_vec are the same sequence of IEEE operations, per lane.
+template <typename F>
+DK_CPU_INLINE F exp_reduced(F xc, F& n) {  // xc already clamped; returns exp(r), sets n
+  n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
+  F r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
+  F y = r * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  const float scale = std::bit_cast<float>(bits);
+  return y * (r * r) + r + 1.0f;
+}
+
+DK_CPU_INLINE float exp_lane(float x) {
+  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float n;
+  const float y = exp_reduced(xc, n);
+  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   return x < -87.0f ? 0.0f : y * scale;
+}
+
+DK_CPU_INLINE vfloat exp_vec(vfloat x) {
+  const vfloat lo = splat(-87.0f), hi = splat(88.0f);
+  const vfloat xc = select(x < lo, lo, select(x > hi, hi, x));
+  vfloat n;
+  const vfloat y = exp_reduced(xc, n);
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  return select(x < lo, splat(0.0f), y * (vfloat)bits);
+}
+
+typedef uint16_t vu16 __attribute__((vector_size(W * sizeof(uint16_t))));
+typedef uint32_t vu32 __attribute__((vector_size(W * sizeof(uint32_t))));
+
+// buf[i] = float(x[i]) * scale
+template <typename T>
+DK_CPU_INLINE void to_float(const T* x, int64_t n, float scale, float* buf) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]) * scale;
+}
+
+// bfloat16 is the top half of a float32: widen W at a time
+template <>
+DK_CPU_INLINE void to_float<c10::BFloat16>(const c10::BFloat16* x, int64_t n, float scale, float* buf) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    vu16 raw;
+    std::memcpy(&raw, x + i, sizeof(raw));
+    const vu32 bits = __builtin_convertvector(raw, vu32) << 16;
+    store(buf + i, (vfloat)bits * scale);
+  }
+  for (; i < n; ++i) buf[i] = static_cast<float>(x[i]) * scale;
+}
+
+// out[i] = T(buf[i]) (round to nearest even)
+template <typename T>
+DK_CPU_INLINE void from_float(const float* buf, int64_t n, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = T(buf[i]);
+}
+
+// c10::BFloat16(float), W at a time: round to nearest even, NaN -> 0x7FC0
+template <>
+DK_CPU_INLINE void from_float<c10::BFloat16>(const float* buf, int64_t n, c10::BFloat16* out) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const vfloat v = load(buf + i);
+    const vu32 bits = (vu32)v;
+    const vu32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const vu32 result = (vu32)((vint)(v != v) ? (vint)(vu32{} + 0x7FC0u) : (vint)rounded);
+    const vu16 narrow = __builtin_convertvector(result, vu16);
+    std::memcpy(out + i, &narrow, sizeof(narrow));
+  }
+  for (; i < n; ++i) out[i] = c10::BFloat16(buf[i]);
 }
 
 // buf[0, n) = x * inv_tau; buf[n, round_up(n, W)) = -inf (adds nothing to the statistics)
 template <typename T>
 DK_CPU_INLINE int64_t load_chunk(const T* x, int64_t n, float inv_tau, float* buf) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]) * inv_tau;
+  to_float(x, n, inv_tau, buf);
   const int64_t padded = (n + W - 1) / W * W;
   for (int64_t i = n; i < padded; ++i) buf[i] = -INFINITY;
   return padded;
 }
 
-// Softmax statistics of z = x * inv_tau over one row, in one pass.
+DK_CPU_INLINE float hmax(vfloat v) {
+  float m = v[0];
+  for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+// Softmax statistics of z = x * inv_tau over one row, in one pass: per lane online (s, u) relative to
+// the running maximum m, rescaled when a chunk raises it; the lanes are summed in a fixed order.
 template <typename T>
 DK_CPU_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float inv_tau) {
   alignas(64) float buf[CHUNK];
-  alignas(64) float s[W];
-  alignas(64) float u[W];
-  for (int l = 0; l < W; ++l) s[l] = u[l] = 0.0f;
-  float m = -INFINITY;  // every lane's statistics are relative to this running maximum
+  vfloat s = splat(0.0f), u = splat(0.0f);
+  float m = -INFINITY;
   for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
     const int64_t nb = load_chunk(x + c0, std::min(CHUNK, V - c0), inv_tau, buf);
-    alignas(64) float cm[W];
-    for (int l = 0; l < W; ++l) cm[l] = -INFINITY;
-    for (int64_t i = 0; i < nb; i += W)
-      for (int l = 0; l < W; ++l) cm[l] = buf[i + l] > cm[l] ? buf[i + l] : cm[l];
-    float chunk_max = cm[0];
-    for (int l = 1; l < W; ++l) chunk_max = cm[l] > chunk_max ? cm[l] : chunk_max;
+    vfloat cm = splat(-INFINITY);
+    for (int64_t i = 0; i < nb; i += W) {
+      const vfloat z = load(buf + i);
+      cm = select(z > cm, z, cm);
+    }
+    const float chunk_max = hmax(cm);
     if (chunk_max == -INFINITY) continue;  // nothing but -inf in this chunk
     if (chunk_max > m) {
       for (int l = 0; l < W; ++l) {
@@ -93,16 +174,15 @@ DK_CPU_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float inv_tau) {
       }
       m = chunk_max;
     }
+    const vfloat mv = splat(m), zero = splat(0.0f);
     for (int64_t i = 0; i < nb; i += W) {
-      for (int l = 0; l < W; ++l) {
-        const float d = buf[i + l] - m;
-        const float e = exp_lane(d);
-        s[l] += e;
-        u[l] += e > 0.0f ? e * d : 0.0f;
-      }
+      const vfloat d = load(buf + i) - mv;
+      const vfloat e = exp_vec(d);
+      s += e;
+      u += select(e > zero, e * d, zero);
     }
   }
-  SoftmaxStats st{m, 0.0f, 0.0f};  // the lanes share m: their sums add in a fixed order
+  SoftmaxStats st{m, 0.0f, 0.0f};
   for (int l = 0; l < W; ++l) {
     st.s += s[l];
     st.u += u[l];
@@ -190,14 +270,18 @@ DK_CPU_INLINE void grad_range(const GradArgs& a, int64_t begin, int64_t end) {
     TORCH_CHECK_INDEX(y >= 0 && y < V, "targets: row ", row, " has target ", y, ", outside [0, V=", V, ")");
     const float lse = a.lse[row], H = a.entropy[row], inv_tau = a.inv_tau;
     const float zy = static_cast<float>(x[y]) * inv_tau;  // read before out (maybe x itself) is written
+    const vfloat lse_v = splat(lse), H_v = splat(H), zero = splat(0.0f);
     for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
       const int64_t n = std::min(CHUNK, V - c0);
-      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[c0 + i]) * inv_tau;
-      for (int64_t i = 0; i < n; ++i) {
-        const float log_p = buf[i] - lse;
-        buf[i] = logit_grad(log_p, exp_lane(log_p), false, H, g, h, inv_tau);
+      const int64_t nb = load_chunk(x + c0, n, inv_tau, buf);
+      for (int64_t i = 0; i < nb; i += W) {  // logit_grad of row_math.h, W lanes at a time
+        const vfloat log_p = load(buf + i) - lse_v;
+        const vfloat p = exp_vec(log_p);
+        vfloat grad = -g * p;
+        grad -= h * select(p > zero, p * (log_p + H_v), zero);
+        store(buf + i, grad * inv_tau);
       }
-      for (int64_t i = 0; i < n; ++i) out[c0 + i] = T(buf[i]);
+      from_float(buf, n, out + c0);
     }
     const float log_py = zy - lse;
     out[y] = T(logit_grad(log_py, exp_lane(log_py), true, H, g, h, inv_tau));
