@@ -353,11 +353,13 @@ def fwd_types(dt, idx):
     for n in ("old", "ref", "adv", "logp", "entropy", "lse", "loss", "dlogp", "kl"):
         t[n + "_ptr"] = "*fp32"
     t["flags_ptr"] = "*u8"
+    if idx == "i64":
+        t["N"] = t["V"] = "i64"
     return t
 
 def grad_types(dt, idx):
     return dict(logits_ptr="*" + dt, stride_x=idx, out_ptr="*" + dt, stride_out=idx, targets_ptr="*i64",
-                lse_ptr="*fp32", entropy_ptr="*fp32", g_ptr="*fp32", h_ptr="*fp32", N="i32", V="i32",
+                lse_ptr="*fp32", entropy_ptr="*fp32", g_ptr="*fp32", h_ptr="*fp32", N=idx, V=idx,
                 inv_tau="fp32")
 
 results = []
@@ -372,7 +374,7 @@ block, warps = dtr.block_config(151936, 2)
 for extra in (dict(KL_TYPE=0, HAS_DUAL=False, NEED_ENTROPY=False, ENTROPY_IN_LOSS=False), dict(KL_TYPE=1),
               dict(KL_TYPE=2), dict(WRITE_GRAD=True), dict(WRITE_GRAD=True, BF16_BY_HAND=True)):
     variants.append(("bf16", block, warps, extra, "i32", 90))
-variants.append(("bf16", block, warps, {}, "i64", 90))  # a row stride >= 2^31 arrives as i64
+variants.append(("bf16", block, warps, {}, "i64", 90))  # strides, N and V >= 2^31 arrive as i64
 variants.append(("bf16", block, warps, dict(WRITE_GRAD=True), "i32", 80))
 for dt, block, warps, extra, idx, arch in variants:
     for name, fn, types, cons in (

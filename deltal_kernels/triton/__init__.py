@@ -19,12 +19,11 @@ from typing import Optional, Tuple
 import torch
 
 import triton  # noqa: F401  (ImportError here -> dispatch says "not available")
-from triton import knobs as _knobs
 
 from . import logprob_loss as _k
 
 # Kernels are defined interpreted or compiled once, when triton.jit decorates them (at import).
-INTERPRETED = bool(_knobs.runtime.interpret)
+INTERPRETED = type(_k._forward_kernel).__name__ == "InterpretedFunction"
 
 # The grid is min(N, MAX_PROGRAMS) programs looping over rows with stride = grid size, so N is
 # never limited by a grid dimension (CUDA's x-dimension allows 2^31 - 1 blocks; we stay far
