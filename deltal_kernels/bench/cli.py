@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import deltal_kernels as dk
+from deltal_kernels.dispatch import BACKEND_MODULES, unavailable_reason
 
 from . import baselines, measure, report
 from .cases import DTYPES, GRIDS, Case, make_batch
@@ -151,9 +152,10 @@ def main(argv=None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     name = measure.device_name(device)
     available = dk.available_backends(device)
+    unavailable = {b: unavailable_reason(b, device) for b in BACKEND_MODULES if b not in available}
     console.print(f"[bold]deltal-bench[/bold] on {name}; backends: {', '.join(available)}")
-    for impl, why in skipped.items():
-        console.print(f"  skipped {impl}: {why}")
+    for impl, why in {**unavailable, **skipped}.items():
+        console.print(f"  not measured: {impl}: {why}")
     copy_bw, peak_bw = measure.copy_bandwidth(device), measure.peak_bandwidth(device)
     console.print(f"copy bandwidth measured now: {copy_bw / 1e9:.1f} GB/s"
                   + (f"; datasheet peak {peak_bw / 1e9:.0f} GB/s" if peak_bw else ""))
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device.type,
                 device_name=name, platform=platform.platform(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), load_average=os.getloadavg(), **versions(),
-                backends=available, skipped=skipped, copy_GBps=copy_bw / 1e9,
+                backends=available, backends_unavailable=unavailable, skipped=skipped, copy_GBps=copy_bw / 1e9,
                 peak_GBps=None if peak_bw is None else peak_bw / 1e9, reps=reps,
                 memory_method=MEMORY_METHOD[device.type], cases=[c.label for c in cases])
 
