@@ -238,3 +238,17 @@ def test_delta_l_weights_span_all_processes(model_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_two_process_worker, args=(2, port, model_dir, str(tmp_path)), nprocs=2, join=True)
+
+
+def test_readme_trl_snippet(model_dir, tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "use_with_trl.py")
+    spec = importlib.util.spec_from_file_location("use_with_trl", path)
+    snippet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(snippet)
+    trainer = snippet.train(model_dir, reward_len, dataset(), K, output_dir=str(tmp_path), max_steps=1,
+                            per_device_train_batch_size=4, num_generations=2, report_to="none", use_cpu=True,
+                            bf16=False, save_strategy="no")
+    assert isinstance(trainer, DeltaLGRPOTrainer) and trainer.loss_type == "delta-l"
+    assert trainer.state.global_step == 1 and trainer.max_completion_length == K

@@ -241,3 +241,43 @@ def test_fused_actor_loss_rejects_what_it_cannot_compute():
     data["rollout_is_weights"] = data["old_log_probs"]
     with pytest.raises(ValueError, match="rollout_is_weights"):
         dkv.fused_ppo_loss(config, logits, data, backend="torch")
+
+
+@needs_verl
+def test_readme_verl_snippet():
+    """The README's verl lines: registered loss, mini-batch weights, fused actor loss. The fused Delta-L
+    loss is checked against verl's own actor loss with seq-mean-token-sum and rescaled advantages."""
+    import importlib.util
+    import os
+
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "use_with_verl.py")
+    spec = importlib.util.spec_from_file_location("use_with_verl", path)
+    snippet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(snippet)
+    assert get_policy_loss_fn("delta-l") is not None
+
+    data, logits = micro_batch(5, kl=False, dtype=torch.float32)  # float32: the snippet runs dk's default backend
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    response_mask = data.select("response_mask").to_padded_tensor()["response_mask"]
+    M = 16
+    data["delta_l_weights"] = snippet.mini_batch_weights(response_mask, M)
+    config = actor_config()
+    x = logits.clone().requires_grad_(True)
+    loss, _ = snippet.actor_loss(config, x, data)
+    loss.backward()
+
+    L = response_mask.sum(-1).to(torch.float64)
+    w = (L ** -1.0 / (M * (L ** -1.0).sum())).float()
+    rescaled = data.clone()
+    rescaled["advantages"] = torch.nested.as_nested_tensor(
+        [a * w[i] * L.numel() for i, a in enumerate(data["advantages"].unbind())], layout=torch.jagged)
+    x_verl = logits.clone().requires_grad_(True)
+    expected, _ = verl_actor_loss(actor_config(loss_agg_mode="seq-mean-token-sum"), x_verl, rescaled, 0.7)
+    expected.backward()
+    # float32 both ways, reduced in different orders: a few ulps (2^-24 relative) apart
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(x.grad, x_verl.grad, rtol=1e-6, atol=1e-6 * x_verl.grad.abs().max().item())
