@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from .cases import TARGET_CPU, Case
-
-TARGET_GPU = Case(16384, 151936, "bf16")
+from .cases import TARGET_CPU, TARGET_GPU, Case
 
 
 def _speedup(row, base):
