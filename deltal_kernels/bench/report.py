@@ -95,7 +95,8 @@ def _sweep(results, axis: str):
 
 
 def plot(path: Path, meta: dict, results: List[dict]) -> None:
-    """Forward+backward time and extra peak memory against V and against N, one line per implementation."""
+    """Forward+backward time and extra peak memory against V and against N, one line per implementation
+    (dashed: baselines)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -106,6 +107,7 @@ def plot(path: Path, meta: dict, results: List[dict]) -> None:
     for col, axis in enumerate(("V", "N")):
         other, fixed, rows = _sweep(results, axis)
         series = sorted({(r["impl"], r["dtype"]) for r in rows})
+        baseline = {r["impl"] for r in rows if r["kind"] == "baseline"}
         for row_i, (metric, label) in enumerate((("fwdbwd_ms", "forward+backward (ms)"),
                                                   ("extra_peak_MB", "extra peak memory (MB)"))):
             ax = axes[row_i][col]
@@ -113,7 +115,8 @@ def plot(path: Path, meta: dict, results: List[dict]) -> None:
                 pts = sorted((r[axis], r[metric]) for r in rows if (r["impl"], r["dtype"]) == (impl, dtype)
                              and r[metric] is not None and r[metric] > 0)  # log axes: positive values only
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=f"{impl} {dtype}" if several_dtypes else impl)
+                    ax.plot(*zip(*pts), marker="o", linestyle="--" if impl in baseline else "-",
+                            label=f"{impl} {dtype}" if several_dtypes else impl)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(axis)
