@@ -17,20 +17,36 @@ Works without verl for the functions; ``register()`` needs verl (tested against 
     Without it (dp_size must be 1) the weights are those of the micro-batch alone.
 (b) ``compute_policy_loss``: verl's ``compute_policy_loss_vanilla`` (clip, dual clip
     ``clip_ratio_c``, rollout importance weights) aggregated by ``agg_loss``; ``register(alpha)``
-    adds it to verl's registry as ``actor.policy_loss.loss_mode="delta-l"`` (Delta-L aggregation,
-    taking ``delta_l_weights`` from ``config.global_batch_info`` when present).
+    adds it to verl's registry as ``actor.policy_loss.loss_mode="delta-l"``. verl's ``ppo_loss``
+    hands a policy loss only the micro-batch's tensors and ``config.global_batch_info`` (dp_size,
+    batch_num_tokens, global_batch_size, loss_scale_factor), so the registered loss normalises over
+    the micro-batch on one rank unless ``config.global_batch_info["delta_l_weights"]`` holds the
+    micro-batch's slice of the mini-batch weights; verl's own ``agg_loss`` (entropy and KL terms)
+    rejects that key, so whoever sets it must also point ``verl.workers.utils.losses.agg_loss`` at
+    this module's ``agg_loss`` (same results for verl's modes). The fused actor (c) needs neither.
 (c) ``fused_ppo_loss``: verl's actor loss (``verl.workers.utils.losses.ppo_loss``: policy loss,
     entropy bonus, KL loss) plus the log-prob computation before it, as one ``dk.policy_loss`` call on
-    verl's remove-padding rows. The patch, in ``FSDPEngineWithLMHead`` (verl 0.9.1,
-    ``verl/workers/engine/fsdp/transformer_impl.py``), where the model output becomes log-probs::
+    verl's remove-padding rows; tested against verl's ``ppo_loss`` fed by verl's own
+    ``logprobs_from_logits``. The patch, for verl 0.9.1's FSDP engine
+    (``verl/workers/engine/fsdp/transformer_impl.py``), keeps verl's path for the forward-only
+    log-prob passes and fuses the training step (a sketch: it needs a GPU FSDP engine to run, which
+    the tests here do not have)::
 
-        # prepare_model_outputs, use_remove_padding branch, instead of logprobs_from_logits(...)
-        #   and the later loss_function(model_output=..., data=micro_batch) call:
-        logits_rmpad = output.logits.squeeze(0)              # [total_nnz, V], not temperature-scaled
-        loss, metrics = fused_ppo_loss(actor_config, logits_rmpad, micro_batch)
+        class FusedFSDPEngine(FSDPEngineWithLMHead):
+            def forward_step(self, micro_batch, loss_function, forward_only):
+                if forward_only:
+                    return super().forward_step(micro_batch, loss_function, forward_only)
+                micro_batch = micro_batch.to(get_device_id())
+                model_inputs, _ = self.prepare_model_inputs(micro_batch=micro_batch)
+                with torch.autocast(device_type=get_device_name(), dtype=torch.bfloat16):
+                    logits_rmpad = self.module(**model_inputs, use_cache=False).logits.squeeze(0)
+                actor_config = loss_function.keywords["config"]  # partial(ppo_loss, config=...)
+                loss, metrics = fused_ppo_loss(actor_config, logits_rmpad, micro_batch,
+                                               loss_agg_mode="delta-l")
+                return loss, {"loss": loss.detach().item(), "metrics": metrics}
 
-    It supports a scalar temperature, no Ulysses sequence parallelism (the rows must be the whole
-    micro-batch) and no rollout_is_weights; it checks and raises otherwise.
+    It supports one temperature per micro-batch, no Ulysses sequence parallelism (the rows must be
+    the whole micro-batch) and no rollout_is_weights; it checks and raises otherwise.
 """
 from __future__ import annotations
 
