@@ -33,7 +33,8 @@ Differences from TRL's own loss, by construction:
 - ``delta`` (INTELLECT-2 two-sided clipping) is ``dual_clip``: the same objective when
   delta > 1 + epsilon_high, which this trainer requires;
 - ``entropy_coef`` enters l_t and is weighted like the policy term (SPEC section 1); TRL adds a
-  token-mean entropy bonus instead. Adaptive entropy control is not supported;
+  token-mean entropy bonus instead (and logs "policy_loss" and "entropy_coef", which this trainer
+  does not). Adaptive entropy control is not supported;
 - not supported (a clear error at construction): other loss types, sequence-level importance
   sampling, ``off_policy_mask_threshold``, ``top_entropy_quantile < 1``, vLLM importance-sampling
   correction, ``use_bias_correction_kl`` with ``beta != 0``, MoE auxiliary loss, image inputs.
