@@ -8,6 +8,7 @@ import platform
 import re
 import sys
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from .cases import DTYPES, GRIDS, Case, make_batch
 from .targets import evaluate
 
 WARMUP_GPU = 2
+REPS = {"cpu": 3, "cuda": 10}
+QUICK_REPS = {"cpu": 2, "cuda": 5}
 MEMORY_METHOD = {
     "cpu": "torch.profiler CPU allocator events (profile_memory=True), replayed in order; peak minus the "
            "level before the call minus the gradient",
@@ -41,8 +44,7 @@ def parse_args(argv):
     p.add_argument("--N", type=int, nargs="+", help="rows (tokens); with --V and --dtype replaces the grid")
     p.add_argument("--V", type=int, nargs="+", help="vocabulary sizes")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="logits dtypes")
-    p.add_argument("--reps", type=int, help="timed calls per implementation (default: cpu 3, cuda 10; "
-                                            "--quick: cpu 2, cuda 5)")
+    p.add_argument("--reps", type=int, help=f"timed calls per implementation (default: {REPS}; --quick: {QUICK_REPS})")
     p.add_argument("--only", nargs="+", metavar="IMPL", help="run only these implementations (names as listed)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the CSV, JSON and PNG")
     return p.parse_args(argv)
@@ -60,11 +62,11 @@ def select_cases(args, device_type: str):
 
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__, "deltal_kernels": dk.__version__}
-    for module in ("triton", "liger_kernel"):
+    for dist in ("triton", "liger-kernel"):
         try:
-            out[module] = __import__(module).__version__
-        except (ImportError, AttributeError):
-            out[module] = None
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
     return out
 
 
@@ -145,8 +147,7 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"--only: {sorted(unknown)} not available here; available: {[i.name for i in impls]}")
         impls = [i for i in impls if i.name in args.only]
-    reps = args.reps or {("cpu", False): 3, ("cpu", True): 2, ("cuda", False): 10, ("cuda", True): 5}[
-        (device.type, args.quick)]
+    reps = args.reps or (QUICK_REPS if args.quick else REPS)[device.type]
 
     # a pipe or a file gets the width of a wide terminal rather than rich's 80 columns
     console = Console(width=None if sys.stdout.isatty() else 160)
