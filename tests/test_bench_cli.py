@@ -24,6 +24,8 @@ def test_bench_runs_and_writes_results(tmp_path, capsys):
     with (tmp_path / "cpu-custom.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(doc["results"])
     assert (tmp_path / "cpu-custom.png").stat().st_size > 0
+    md = (tmp_path / "cpu-custom.md").read_text()
+    assert md.count("| eager |") == 2 and doc["meta"]["device_name"] in md
     # the target shape was not run: every target says so rather than passing or failing
     assert doc["targets"] and all(t["status"].startswith("not measured") for t in doc["targets"])
     assert "Targets" in capsys.readouterr().out

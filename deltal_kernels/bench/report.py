@@ -68,10 +68,37 @@ CSV_FIELDS = ["case", "N", "V", "dtype", "S", "scored_rows", "impl", "kind", "in
 CSV_META = ["date", "device", "device_name", "torch", "deltal_kernels", "copy_GBps", "peak_GBps"]
 
 
+def markdown(meta: dict, results: List[dict], targets: List[Target]) -> str:
+    """The run as markdown tables, ready for the README: the machine, one table per case, the targets."""
+    load = ", ".join(f"{x:.1f}" for x in meta["load_average"])
+    lines = [f"{meta['device_name']}, torch {meta['torch']}, deltal-kernels {meta['deltal_kernels']}, "
+             f"{meta['date']}; copy bandwidth {meta['copy_GBps']:.1f} GB/s"
+             + (f", datasheet {meta['peak_GBps']:.0f} GB/s" if meta["peak_GBps"] else "")
+             + f"; load average at start {load}; medians of {meta['reps']} calls.", ""]
+    for case in dict.fromkeys(r["case"] for r in results):
+        rows = [r for r in results if r["case"] == case]
+        lines += [f"**{case}** ({rows[0]['scored_rows']} of {rows[0]['N']} rows scored)", "",
+                  "| impl | fwd ms | bwd ms | fwd+bwd ms | tokens/s | GB/s | % copy BW | extra peak MB | vs eager |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for r in rows:
+            if r["error"]:
+                lines.append(f"| {r['impl']} | {r['error']} |" + " |" * 7)
+                continue
+            speedup = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
+            lines.append(f"| {r['impl']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
+                         f"{_si(r['tokens_per_s'])} | {r['fwdbwd_GBps']:.2f} | {100 * r['fwdbwd_frac_copy']:.0f} | "
+                         f"{r['extra_peak_MB']:.1f} | {speedup} |")
+        lines.append("")
+    lines += ["| backend | target | need | got | status |", "|---|---|--:|--:|---|"]
+    lines += [f"| {t.backend} | {t.what} ({t.case}) | {t.need} | {_num(t.got, '.3g')} | {t.status} |" for t in targets]
+    return "\n".join(lines) + "\n"
+
+
 def write_files(out_dir: Path, tag: str, meta: dict, results: List[dict], targets: List[Target]) -> List[Path]:
-    """<tag>.json (everything), <tag>.csv (one row per case and implementation), <tag>.png."""
+    """<tag>.json (everything), <tag>.csv (one row per case and implementation), <tag>.png, and <tag>.md
+    (the tables in markdown, for the README)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{tag}.json", out_dir / f"{tag}.csv", out_dir / f"{tag}.png"]
+    paths = [out_dir / f"{tag}.{ext}" for ext in ("json", "csv", "png", "md")]
     doc = {"meta": meta, "results": results, "targets": [vars(t) for t in targets]}
     paths[0].write_text(json.dumps(doc, indent=1) + "\n")
     with paths[1].open("w", newline="") as f:
@@ -80,6 +107,7 @@ def write_files(out_dir: Path, tag: str, meta: dict, results: List[dict], target
         for r in results:
             writer.writerow({**{k: meta[k] for k in CSV_META}, **r})
     plot(paths[2], meta, results)
+    paths[3].write_text(markdown(meta, results, targets))
     return paths
 
 
