@@ -38,7 +38,7 @@ def parse_args(argv):
         prog="deltal-bench",
         description="Time, effective bandwidth and peak memory of every deltal-kernels backend and of the "
                     "baselines (eager reference, torch.compile of it, TRL/Unsloth chunked log-softmax, Liger on "
-                    "CUDA), side by side, on the device present. Writes <out>/<device>.{json,csv,png}.")
+                    "CUDA), side by side, on the device present. Writes <out>/<device>.{json,csv,png,md}.")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when present, else cpu")
     p.add_argument("--quick", action="store_true", help="the target shape(s) only, fewer repeats")
     p.add_argument("--N", type=int, nargs="+", help="rows (tokens); with --V and --dtype replaces the grid")
