@@ -87,16 +87,72 @@ def train(base, agg: str, alpha: float, seed: int, *, steps: int, prompts_per_st
 def summarize(hist: dict, tail: int) -> dict:
     g = torch.tensor(hist["grad_norm"])
     # a step whose groups all got one reward has zero advantage and no gradient: leave it out.
-    # The gradient scale differs by aggregation (Dr. GRPO/Delta-L carry 1/M), so stability is
-    # measured scale-free: the spread of log grad-norm and the largest spike over the median.
+    # The gradient scale differs by aggregation (Dr. GRPO/Delta-L carry 1/M) and shrinks as the
+    # reward saturates, so stability is measured scale-free and detrended: the spread of the
+    # step-to-step change of log grad-norm, and the largest spike over the median.
     g = g[g > 0]
     return {"initial_acc": hist["eval_acc"][0], "final_acc": hist["eval_acc"][-1],
             "mean_train_reward": sum(hist["reward"]) / len(hist["reward"]),
             "final_reward": sum(hist["reward"][-tail:]) / len(hist["reward"][-tail:]),
-            "grad_norm_log_std": float(g.log().std()),
+            "grad_norm_log_jitter": float(g.log().diff().std()),
             "grad_norm_max_over_median": float(g.max() / g.median()),
             "final_mean_len": sum(hist["mean_len"][-tail:]) / len(hist["mean_len"][-tail:]),
             "wall_s": hist["wall_s"]}
+
+
+def report(results: dict, out: str, tag: str):
+    """Per aggregation, over seeds: a CSV table and a PNG of the reward, eval and grad-norm curves."""
+    by_label = {}
+    for run in results["runs"]:
+        by_label.setdefault(run["label"], []).append(run)
+    keys = ["initial_acc", "final_acc", "mean_train_reward", "final_reward", "grad_norm_log_jitter",
+            "grad_norm_max_over_median", "final_mean_len", "wall_s"]
+    with open(os.path.join(out, f"{tag}.csv"), "w") as f:
+        f.write("aggregation,seeds," + ",".join(f"{k}_mean,{k}_std" for k in keys) + "\n")
+        for label, runs in by_label.items():
+            summaries = [summarize(r["history"], results["config"]["tail"]) for r in runs]
+            vals = [torch.tensor([sm[k] for sm in summaries], dtype=torch.float64) for k in keys]
+            f.write(f"{label},{len(runs)}," + ",".join(
+                f"{float(v.mean()):.4f},{float(v.std()) if len(v) > 1 else 0.0:.4f}" for v in vals) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(13, 9))
+    window = 10
+    kernel = torch.ones(window) / window
+
+    def smooth(x):  # trailing moving average
+        x = torch.tensor(x, dtype=torch.float32)
+        return torch.nn.functional.conv1d(x[None, None], kernel[None, None]).flatten()
+
+    for label, runs in by_label.items():
+        steps = runs[0]["history"]["step"][window - 1:]
+        reward = torch.stack([smooth(r["history"]["reward"]) for r in runs])
+        line, = ax[0, 0].plot(steps, reward.mean(0), label=label)
+        if len(runs) > 1:
+            ax[0, 0].fill_between(steps, reward.min(0).values, reward.max(0).values, color=line.get_color(), alpha=0.15)
+        acc = torch.tensor([r["history"]["eval_acc"] for r in runs])
+        ax[0, 1].plot(runs[0]["history"]["eval_step"], acc.mean(0), "o-", label=label, color=line.get_color())
+        # gradient norms over their run's median: the aggregations' scales differ by ~1/M
+        gn = torch.stack([torch.tensor(r["history"]["grad_norm"]) / torch.tensor(r["history"]["grad_norm"]).median()
+                          for r in runs])
+        ax[1, 0].plot(runs[0]["history"]["step"], gn[0], lw=0.8, label=f"{label} (seed {runs[0]['seed']})",
+                      color=line.get_color())
+        length = torch.stack([smooth(r["history"]["mean_len"]) for r in runs])
+        ax[1, 1].plot(steps, length.mean(0), label=label, color=line.get_color())
+    n = len(results["seeds"])
+    ax[0, 0].set(xlabel="step", ylabel="train reward", title=f"Train reward ({window}-step mean; {n} seeds: mean, range)")
+    ax[0, 1].set(xlabel="step", ylabel="eval reward", title=f"Held-out success rate (mean of {n} seeds)")
+    ax[1, 0].set(xlabel="step", ylabel="grad norm / run median", yscale="log", title="Gradient norm, one seed")
+    ax[1, 1].set(xlabel="step", ylabel="mean response length", title="Response length")
+    for a in ax.flat:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{tag}.png"), dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -106,8 +162,17 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--prompts-per-step", type=int, default=None,
+                    help="prompts per batch (x 8 samples each); fewer gives noisier gradients")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--from-json", default=None, help="only redraw the table and plot of a saved run")
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        os.makedirs(args.out, exist_ok=True)
+        report(results, args.out, os.path.splitext(os.path.basename(args.from_json))[0])
+        return results
     torch.set_num_threads(1)  # the runs are small; one thread is fastest and reproducible
     cfg = dict(steps=200, prompts_per_step=16, group=8, max_len=48, lr=3e-3, micro_batches=2,
                eval_prompts=128, eval_samples=4, log_every=20)
@@ -124,9 +189,12 @@ def main(argv=None):
     seeds = args.seeds if args.seeds is not None else seeds
     if args.steps is not None:
         cfg["steps"] = args.steps
+    tag = "train_rlvr_quick" if args.quick else "train_rlvr"
+    if args.prompts_per_step is not None:
+        cfg["prompts_per_step"] = args.prompts_per_step
+        tag += f"_p{args.prompts_per_step}"
     tail = max(1, cfg["steps"] // 10)
     os.makedirs(args.out, exist_ok=True)
-    tag = "train_rlvr_quick" if args.quick else "train_rlvr"
     results = {"config": dict(cfg, base_steps=base_steps, tail=tail), "seeds": seeds, "runs": []}
     for seed in seeds:
         base = pretrain_base(seed, steps=base_steps, max_len=cfg["max_len"])
@@ -137,10 +205,11 @@ def main(argv=None):
                                     "summary": summary, "history": hist})
             print(f"{label:16s} seed {seed}: eval reward {summary['initial_acc']:.3f} -> {summary['final_acc']:.3f} "
                   f"train reward(last {tail}) {summary['final_reward']:.3f} "
-                  f"log-gnorm std {summary['grad_norm_log_std']:.3f} len {summary['final_mean_len']:.1f} "
+                  f"log-gnorm jitter {summary['grad_norm_log_jitter']:.3f} len {summary['final_mean_len']:.1f} "
                   f"{summary['wall_s']:.1f}s", flush=True)
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump(results, f)
+    report(results, args.out, tag)
     return results
 
 

@@ -278,8 +278,9 @@ def plot(res: dict, path: str):
     a.bar(pos - 0.2, [r["cv"] for r in rows], 0.4, label="coefficient of variation")
     a.bar(pos + 0.2, [r["rel_bias"] for r in rows], 0.4, label="relative bias (vs constant x g*)")
     a.set_xticks(pos.tolist(), names, rotation=30, ha="right", fontsize=8)
-    a.set(title=f"Tiny GRU policy: batch gradient over {res['config']['batches']} batches")
-    a.legend(fontsize=8)
+    a.set(title=f"Tiny GRU policy: batch gradient over {res['config']['batches']} batches",
+          ylim=(0, 1.3 * max(r["cv"] for r in rows)))
+    a.legend(fontsize=8, loc="upper left")
 
     a = ax[1, 0]
     for key, label in (("grad_scaling", "policy gradient g_i (within-bin var)"),
@@ -303,8 +304,9 @@ def plot(res: dict, path: str):
     a.bar(pos, [r["rel_var"] for r in rows], 0.6, label="total variance / ||c g*||^2")
     a.plot(pos, [r["rel_mse"] for r in rows], "kD", label="MSE / ||c g*||^2 (variance + bias^2)")
     a.set_xticks(pos.tolist(), names, rotation=30, ha="right", fontsize=8)
-    a.set(title="Tiny GRU policy: variance and MSE per batch, scale-free")
-    a.legend(fontsize=8)
+    a.set(title="Tiny GRU policy: variance and MSE per batch, scale-free",
+          ylim=(0, 1.3 * max(r["rel_mse"] for r in rows)))
+    a.legend(fontsize=8, loc="upper left")
 
     a = ax[1, 2]
     a.hist(real["lengths"], bins=range(1, real["max_len"] + 2), color="tab:gray")
