@@ -132,6 +132,7 @@ def pair(request, model_dir, tmp_path_factory):
 def test_loss_and_gradients_equal_trl(pair, loss_type, with_old):
     trl_trainer, ours = pair
     trl_trainer.loss_type = ours.loss_type = loss_type
+    trl_trainer.args.delta = ours.args.delta = None
     inputs = micro_batch(trl_trainer.model, seed=15, with_old=with_old, with_ref=trl_trainer.beta != 0)
     expected = loss_and_grads(trl_trainer, inputs)
     got = loss_and_grads(ours, inputs)
@@ -147,20 +148,66 @@ def test_loss_and_gradients_equal_trl(pair, loss_type, with_old):
         assert trl_trainer._metrics["train"]["clip_ratio/high_mean"][-1] > 0
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_two_sided_clipping_delta_equals_trl(pair, loss_type):
+    """TRL's ``delta`` (INTELLECT-2) is dk's dual clip when delta > 1 + epsilon_high."""
+    trl_trainer, ours = pair
+    trl_trainer.loss_type = ours.loss_type = loss_type
+    inputs = micro_batch(trl_trainer.model, seed=15, with_ref=trl_trainer.beta != 0)
+    trl_trainer.args.delta = ours.args.delta = None
+    without = loss_and_grads(trl_trainer, inputs)
+    trl_trainer.args.delta = ours.args.delta = 1.5
+    try:
+        expected = loss_and_grads(trl_trainer, inputs)
+        got = loss_and_grads(ours, inputs)
+    finally:
+        trl_trainer.args.delta = ours.args.delta = None
+    assert abs(expected[0] - without[0]) > 1e-4 * abs(without[0])  # delta changes the loss on this batch
+    assert_same(got, expected)
+
+
+def test_entropy_bonus_is_weighted_like_the_policy_term(pair):
+    """entropy_coef enters l_t (SPEC section 1): the loss moves by -coef * sum_i w_i sum_t H_t, with
+    TRL's grpo weights w_i = 1 / (B * L_i * GA) here (TRL itself adds a token-mean bonus instead)."""
+    _, ours = pair
+    ours.loss_type = "grpo"
+    inputs = micro_batch(ours.model, seed=15, with_ref=ours.beta != 0)
+    base = loss_and_grads(ours, inputs)[0]
+    ours.entropy_coef = 0.01
+    try:
+        bonus = loss_and_grads(ours, inputs)[0]
+    finally:
+        ours.entropy_coef = 0.0
+    P = inputs["prompt_ids"].shape[1]
+    with torch.no_grad():
+        logits = ours.model(input_ids=torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                            attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+                            ).logits[:, P - 1:-1] / ours.temperature
+    logp = torch.log_softmax(logits, -1)
+    H = -(logp.exp() * logp).sum(-1)
+    mask = inputs["completion_mask"].to(torch.float64)
+    L = mask.sum(1)
+    expected = -0.01 * ((H * mask).sum(1) / (L.numel() * L * GA)).sum()
+    torch.testing.assert_close(bonus - base, expected, rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
-def test_delta_l_is_trl_dr_grpo_with_rescaled_advantages(model_dir, tmp_path, alpha):
+@pytest.mark.parametrize("steps_per_generation", [GA, 2 * GA])
+def test_delta_l_is_trl_dr_grpo_with_rescaled_advantages(model_dir, tmp_path, alpha, steps_per_generation):
     trl_trainer, ours = make_pair(model_dir, tmp_path, 0.0)
+    # a generation batch spanning one optimizer step, or two (then each step weighs its half twice)
+    ours.args.steps_per_generation = steps_per_generation
     ours.loss_type, ours.delta_l_alpha, trl_trainer.loss_type = "delta-l", alpha, "dr_grpo"
     inputs = micro_batch(trl_trainer.model, seed=11, with_ref=False)
     L = inputs["completion_mask"].sum(1).to(torch.float64)
     inv = L ** -alpha
-    # Delta-L weights of a generation batch that is this micro-batch (steps_per_generation = GA)
-    inputs["delta_l_weights"] = inv / (K * inv.sum())
+    # Delta-L weights of a generation batch whose micro-batches all look like this one
+    inputs["delta_l_weights"] = inv / (K * inv.sum() * steps_per_generation)
     got = loss_and_grads(ours, inputs)
-    # TRL's dr_grpo weighs every completion 1 / (B * K * GA); Delta-L's optimizer step weighs it
-    # w_i * steps_per_generation / GA: scaling A_i by w_i * B * K * steps_per_generation turns one into the other
+    # the optimizer step weighs completion i by w_i * steps_per_generation / GA = inv_i / (K * sum inv * GA);
+    # TRL's dr_grpo weighs it 1 / (B * K * GA): scaling A_i by B * inv_i / sum inv turns one into the other
     B = L.numel()
-    rescaled = dict(inputs, advantages=inputs["advantages"] * inv / inv.sum() * B * ours.args.steps_per_generation)
+    rescaled = dict(inputs, advantages=inputs["advantages"] * inv / inv.sum() * B)
     expected = loss_and_grads(trl_trainer, rescaled)
     assert_same(got, expected)
 
