@@ -55,15 +55,15 @@ DK_CPU_INLINE vfloat load(const float* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-DK_CPU_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-DK_CPU_INLINE vfloat select(vint mask, vfloat a, vfloat b) { return mask ? a : b; }
+DK_CPU_INLINE void store(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof(v)); }
+DK_CPU_INLINE vfloat select(const vint& mask, const vfloat& a, const vfloat& b) { return mask ? a : b; }
 
 // exp(x) for x <= 0 (larger x is clamped to 88): Cody-Waite reduction x = n ln2 + r, a degree-6
 // polynomial for exp(r) (Cephes expf, ~1 ulp), and 2^n built in the exponent bits. Returns exactly
 // 0 below -87 (where float32 exp is subnormal; relative to a softmax sum >= 1 it is nothing) and for
 // -inf. exp_lane and exp_vec are the same sequence of IEEE operations, per lane.
 template <typename F>
-DK_CPU_INLINE F exp_reduced(F xc, F& n) {  // xc already clamped; returns exp(r), sets n
+DK_CPU_INLINE F exp_reduced(const F& xc, F& n) {  // xc already clamped; returns exp(r), sets n
   n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
   F r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -83,7 +83,7 @@ DK_CPU_INLINE float exp_lane(float x) {
   return x < -87.0f ? 0.0f : y * scale;
 }
 
-DK_CPU_INLINE vfloat exp_vec(vfloat x) {
+DK_CPU_INLINE vfloat exp_vec(const vfloat& x) {
   const vfloat lo = splat(-87.0f), hi = splat(88.0f);
   const vfloat xc = select(x < lo, lo, select(x > hi, hi, x));
   vfloat n;
@@ -144,7 +144,7 @@ DK_CPU_INLINE int64_t load_chunk(const T* x, int64_t n, float inv_tau, float* bu
   return padded;
 }
 
-DK_CPU_INLINE float hmax(vfloat v) {
+DK_CPU_INLINE float hmax(const vfloat& v) {
   float m = v[0];
   for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
   return m;

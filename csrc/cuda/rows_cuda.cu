@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <sstream>
 #include <string>
@@ -253,16 +254,24 @@ __global__ void __launch_bounds__(kBlock) grad_kernel(const GradParams a) {
 }
 
 // Enough blocks to fill the device (resident blocks per SM x SMs), no more than the rows need;
-// the kernels loop over the remaining rows.
+// the kernels loop over the remaining rows. The occupancy query runs once per kernel and device.
+constexpr int kMaxDevices = 64;
+
 template <typename Kernel>
 int64_t grid_size(Kernel kernel, int64_t N, int rows_per_block) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
-  int device = 0, sms = 0;
+  static std::atomic<int> resident[kMaxDevices];  // 0: not queried yet
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int blocks = device < kMaxDevices ? resident[device].load(std::memory_order_relaxed) : 0;
+  if (blocks == 0) {
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    blocks = std::max(per_sm, 1) * std::max(sms, 1);
+    if (device < kMaxDevices) resident[device].store(blocks, std::memory_order_relaxed);
+  }
   const int64_t needed = (N + rows_per_block - 1) / rows_per_block;
-  return std::max<int64_t>(1, std::min<int64_t>(needed, static_cast<int64_t>(std::max(per_sm, 1)) * sms));
+  return std::max<int64_t>(1, std::min<int64_t>(needed, blocks));
 }
 
 template <typename T, int GROUP>
