@@ -18,8 +18,15 @@ The row contract. A backend is a module with three functions:
     logits' dtype; ``out`` may be ``logits`` itself), with g = dL/dlogp_t and h = dL/dH_t per row;
     rows where both are 0 get exact zeros without reading the logits.
 
-The weighted sum to the scalar loss and the metrics are [N]-sized torch ops on those outputs, so
-every backend shares one deterministic reduction.
+Optionally, ``forward_grad_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages,
+params, need_entropy, row_weights, grad_scale, out)``
+    ``forward_rows`` plus, in the same launch, the gradient of grad_scale * sum_t row_weights[t] *
+    loss[t] written into ``out``: each row is reduced, then re-read while it is still in cache, which
+    saves the backward pass's full read of the logits. Used when the logits require grad and the
+    backward is not in place (``rows_forward_fused``).
+
+The weighted sum to the scalar loss (``weighted_sum``) and the metrics are [N]-sized torch ops on
+those outputs, so every backend shares one deterministic reduction.
 """
 from __future__ import annotations
 
@@ -46,6 +53,17 @@ BACKEND_DEVICE = {"cuda": "cuda", "cpu": "cpu"}
 
 def _load(name: str):
     return importlib.import_module(BACKEND_MODULES[name])
+
+
+@torch.compiler.assume_constant_result
+def has_fused_gradient(name: str) -> bool:
+    """Whether backend ``name`` can write the gradient in its forward launch."""
+    return hasattr(_load(name), "forward_grad_rows")
+
+
+def weighted_sum(row_weights: Tensor, loss_rows: Tensor) -> Tensor:
+    """loss = sum_t w_t l_t: the one fixed-order reduction every path uses (no atomics)."""
+    return (row_weights * loss_rows).sum()
 
 
 def unavailable_reason(name: str, device) -> Optional[str]:
@@ -157,3 +175,45 @@ def _backward(ctx, d_logp, d_entropy, d_lse, d_loss, d_dlogp, d_kl, d_flags):
 
 torch.library.register_autograd("deltal_kernels::rows_forward", _backward, setup_context=_setup_context)
 
+
+
+# ---- the fused path: gradient written by the forward launch, scaled in backward only if needed ----
+
+@torch.library.custom_op("deltal_kernels::rows_forward_fused", mutates_args=())
+def rows_forward_fused(backend: str, logits: Tensor, targets: Tensor, scored: Tensor, old_logprobs: Tensor,
+                       ref_logprobs: Optional[Tensor], advantages: Tensor, row_weights: Tensor, clip_low: float,
+                       clip_high: float, dual_clip: float, kl_coef: float, kl_type: int, entropy_coef: float,
+                       temperature: float, need_entropy: bool
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    params = LossParams(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature)
+    grad = torch.empty_like(logits)
+    logp, entropy, _, loss_rows, _, kl, flags = _load(backend).forward_grad_rows(
+        logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy, row_weights, 1.0, grad)
+    return weighted_sum(row_weights, loss_rows), logp, entropy, kl, flags, grad
+
+
+@rows_forward_fused.register_fake
+def _(backend, logits, targets, scored, old_logprobs, ref_logprobs, advantages, row_weights, clip_low, clip_high,
+      dual_clip, kl_coef, kl_type, entropy_coef, temperature, need_entropy):
+    row = lambda: torch.empty_like(old_logprobs)  # noqa: E731
+    return (old_logprobs.new_empty(()), row(), row(), row(), torch.empty_like(scored, dtype=torch.uint8),
+            torch.empty_like(logits))
+
+
+def _fused_setup_context(ctx, inputs, output):
+    loss, logp, entropy, kl, flags, grad = output
+    ctx.mark_non_differentiable(logp, entropy, kl, flags, grad)
+    ctx.save_for_backward(grad)
+
+
+def _fused_backward(ctx, d_loss, *_):
+    (grad,) = ctx.saved_tensors
+    # loss.backward() seeds 1: the gradient is already final. Checking costs one scalar sync in eager
+    # mode; a compiled graph cannot branch on the value and always scales.
+    if torch.compiler.is_compiling() or bool(d_loss != 1):
+        grad = grad * d_loss.to(grad.dtype)
+    return (None, grad) + (None,) * 14
+
+
+torch.library.register_autograd("deltal_kernels::rows_forward_fused", _fused_backward,
+                                setup_context=_fused_setup_context)

@@ -5,7 +5,7 @@ import inspect
 
 import torch
 
-from .dispatch import resolve_backend, rows_forward
+from .dispatch import has_fused_gradient, resolve_backend, rows_forward, rows_forward_fused, weighted_sum
 from .output import PolicyLossOutput, token_means
 from .validation import prepare
 
@@ -35,12 +35,18 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
         raise TypeError(f"logits: backend {name!r} takes float32, float16 or bfloat16 logits; "
                         "float64 runs on backend='torch'")
     p = b.params
-    logp, entropy, _, loss_rows, _, kl, flags = rows_forward(
-        name, b.logits, b.targets, b.scored, b.old_logprobs, b.ref_logprobs, b.advantages, p.clip_low,
-        p.clip_high, p.dual_clip, p.kl_coef, p.kl_type, p.entropy_coef, p.temperature, b.need_entropy,
-        inplace_backward)
-    # one deterministic [N]-sized reduction, shared by every backend
-    loss = (b.row_weights * loss_rows).sum()
+    if logits.requires_grad and torch.is_grad_enabled() and not inplace_backward and has_fused_gradient(name):
+        # the forward launch writes the gradient too: one read of the logits fewer
+        loss, logp, entropy, kl, flags, _ = rows_forward_fused(
+            name, b.logits, b.targets, b.scored, b.old_logprobs, b.ref_logprobs, b.advantages, b.row_weights,
+            p.clip_low, p.clip_high, p.dual_clip, p.kl_coef, p.kl_type, p.entropy_coef, p.temperature,
+            b.need_entropy)
+    else:
+        logp, entropy, _, loss_rows, _, kl, flags = rows_forward(
+            name, b.logits, b.targets, b.scored, b.old_logprobs, b.ref_logprobs, b.advantages, p.clip_low,
+            p.clip_high, p.dual_clip, p.kl_coef, p.kl_type, p.entropy_coef, p.temperature, b.need_entropy,
+            inplace_backward)
+        loss = weighted_sum(b.row_weights, loss_rows)
     dtype = logp.dtype
     metrics = token_means(
         b.scored,

@@ -63,8 +63,8 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
 
     # H_t = entropy of softmax(x_t / tau)
     entropy = None
-    if b.need_entropy:
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    if b.need_entropy:  # p log p is 0 where p = 0 (a -inf logit: a masked vocabulary entry)
+        entropy = -(log_probs.exp() * torch.where(log_probs.isneginf(), 0.0, log_probs)).sum(-1)
 
     # l_t = pg_t + kl_coef * kl_t - entropy_coef * H_t
     loss_t = pg

@@ -89,9 +89,9 @@ def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages
         row_lse = torch.logsumexp(z, dim=-1)
         lse[idx] = row_lse
         logp[idx] = z.gather(1, targets[idx, None]).squeeze(1) - row_lse
-        if need_entropy:
+        if need_entropy:  # p z is 0 where p = 0 (a -inf logit)
             probs = torch.exp(z - row_lse[:, None])
-            entropy[idx] = row_lse - (probs * z).sum(-1)
+            entropy[idx] = row_lse - (probs * torch.where(z.isneginf(), 0.0, z)).sum(-1)
     loss, dlogp, kl, flags = row_terms(logp, entropy, old_logprobs, ref_logprobs, advantages, p)
     zero = torch.zeros((), dtype=dtype, device=logits.device)
     return (logp, entropy, lse, torch.where(scored, loss, zero), torch.where(scored, dlogp, zero),
@@ -109,6 +109,7 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
         z = logits[start:end].to(dtype) / temperature
         log_p = z - lse[start:end, None]
         probs = torch.exp(log_p)
+        log_p = torch.where(log_p.isneginf(), 0.0, log_p)  # p log p is 0 where p = 0
         gc, hc = g[start:end, None], h[start:end, None]
         grad = -gc * probs
         grad.scatter_add_(1, targets[start:end, None], gc)
