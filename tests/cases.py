@@ -52,13 +52,14 @@ def as_float64(batch):
     return {k: (v.double() if v.is_floating_point() else v).cpu() for k, v in batch.items()}
 
 
-def run(fn, batch, **options):
-    """Call a policy_loss with the batch; returns (output, logits gradient)."""
+def run(fn, batch, loss_scale=None, **options):
+    """Call a policy_loss with the batch; returns (output, gradient of loss * loss_scale w.r.t. logits)."""
     logits = batch["logits"].detach().clone().requires_grad_(True)
     args = {k: v for k, v in batch.items() if k != "logits"}
     out = fn(logits, args.pop("targets"), args.pop("old_logprobs"), args.pop("advantages"),
              args.pop("cu_seqlens"), **args, **options)
-    (grad,) = torch.autograd.grad(out.loss, logits, allow_unused=True)
+    loss = out.loss if loss_scale is None else out.loss * loss_scale
+    (grad,) = torch.autograd.grad(loss, logits, allow_unused=True)
     return out, (torch.zeros_like(logits) if grad is None else grad)
 
 
