@@ -12,7 +12,8 @@ import deltal_kernels as dk
 from deltal_kernels.integrations import verl as dkv
 
 HAS_VERL = importlib.util.find_spec("verl") is not None
-needs_verl = pytest.mark.skipif(not HAS_VERL, reason="verl is not installed (it has its own venv: requirements/verl.txt)")
+needs_verl = pytest.mark.skipif(not HAS_VERL,
+                                reason="verl is not installed (it has its own venv: requirements/verl.txt)")
 
 BS, T = 5, 9
 

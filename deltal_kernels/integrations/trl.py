@@ -131,7 +131,8 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         L = lengths.to(torch.float64)
         ones = torch.ones_like(L)
         if self.loss_type == "delta-l":
-            # the weights sum the generation batch's loss; one optimizer step covers accumulation/steps_per_generation of it
+            # the weights sum the generation batch's loss; an optimizer step covers
+            # accumulation / steps_per_generation of it
             scale = self.args.steps_per_generation / accumulation if mode == "train" else 1.0
             w = inputs["delta_l_weights"].to(torch.float64) * scale
         elif self.loss_type == "dapo":

@@ -77,7 +77,8 @@ def agg_weights(loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1, b
         if delta_l_weights is not None:
             return delta_l_weights.to(torch.float64)
         if dp_size > 1:
-            raise ValueError("delta_l_weights: required when dp_size > 1 (the mini-batch's Delta-L weights over all ranks)")
+            raise ValueError("delta_l_weights: required when dp_size > 1 "
+                             "(the mini-batch's Delta-L weights over all ranks)")
         return sequence_weights(lengths.to(torch.int64), "delta-l", alpha=alpha, max_len=int(horizon),
                                 dtype=torch.float64)
     if loss_agg_mode == "token-mean":
@@ -193,7 +194,8 @@ def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: O
     cu = input_ids.offsets().to(torch.int64)
     N = int(cu[-1])
     if logits_rmpad.shape[0] != N:
-        raise ValueError(f"logits_rmpad: expected {N} rows (the micro-batch's packed tokens), got {logits_rmpad.shape[0]}")
+        raise ValueError(f"logits_rmpad: expected {N} rows (the micro-batch's packed tokens), "
+                         f"got {logits_rmpad.shape[0]}")
     prompt_lens = data["prompts"].offsets().diff().to(torch.int64)
     padded = data.select("response_mask", "old_log_probs", "advantages",
                          *(["ref_log_prob"] if config.use_kl_loss else [])).to_padded_tensor()
@@ -237,5 +239,6 @@ def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: O
     # verl's names for the token means it logs (it averages them over micro-batches)
     names = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl", "actor/pg_clipfrac_lower": "clipfrac_lower",
              "actor/entropy": "entropy", "actor/kl": "kl"}
-    metrics = {name: Metric(AggregationType.MEAN, out.metrics[key]) for name, key in names.items() if key in out.metrics}
+    metrics = {name: Metric(AggregationType.MEAN, out.metrics[key])
+               for name, key in names.items() if key in out.metrics}
     return out.loss, metrics
