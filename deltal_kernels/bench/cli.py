@@ -97,7 +97,8 @@ def run_case(case, impls, logits, batch, *, reps, copy_bw, peak_bw, step):
             # the memory run warms the allocator for the timed calls
             for _ in range(WARMUP_GPU if logits.is_cuda else int(impl.compiles)):
                 measure.fwd_bwd(fn, logits, batch, impl.inplace)
-            rows[impl.name]["extra_peak_MB"] = measure.extra_peak_bytes(fn, logits, batch, inplace=impl.inplace) / 2**20
+            extra, loss = measure.memory_run(fn, logits, batch, inplace=impl.inplace)
+            rows[impl.name].update(extra_peak_MB=extra / 2**20, loss=loss)
             fns[impl.name], samples[impl.name] = fn, []
         except Exception as e:  # one implementation failing must not cost the others their run
             rows[impl.name]["error"] = _error(e)

@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -160,14 +160,17 @@ def _cpu_peak_bytes(run) -> int:
     return peak
 
 
-def extra_peak_bytes(fn, logits, batch, *, inplace: bool) -> int:
-    """Peak memory of one forward+backward beyond the inputs and the gradient, in bytes."""
+def memory_run(fn, logits, batch, *, inplace: bool) -> Tuple[int, float]:
+    """One forward+backward: (its peak memory beyond the inputs and the gradient in bytes, the loss)."""
     device = logits.device
     x = _leaf(logits, inplace)
     grad_bytes = 0 if inplace else x.numel() * x.element_size()
+    losses = []
 
     def run():
-        torch.autograd.grad(fn(x, batch), x)
+        loss = fn(x, batch)
+        torch.autograd.grad(loss, x)
+        losses.append(loss.detach())
 
     if device.type == "cuda":
         sync(device)
@@ -178,4 +181,4 @@ def extra_peak_bytes(fn, logits, batch, *, inplace: bool) -> int:
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         peak = _cpu_peak_bytes(run)
-    return peak - grad_bytes
+    return peak - grad_bytes, float(losses[0])

@@ -29,10 +29,12 @@ def case_table(case, rows: List[dict], meta: dict) -> Table:
     b = rows[0]["bytes"]
     title = (f"{case.label}  ({rows[0]['S']} sequences, {rows[0]['scored_rows']} scored rows; "
              f"fwd+bwd moves {b['fwdbwd'] / 1e9:.3f} GB, 2-pass floor {b['floor'] / 1e9:.3f} GB)")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", caption_justify="left",
+                  caption="bold: this package's backends. loss: the value each computed, the same for all "
+                          "(but liger, which takes the batch's mean advantage)")
     columns = ["impl", "fwd ms", "bwd ms", "fwd+bwd ms", "tokens/s", "GB/s", "% copy BW"]
     columns += ["% peak BW"] if gpu else []
-    columns += ["x floor", "extra peak MB", "vs eager"]
+    columns += ["x floor", "extra peak MB", "vs eager", "loss"]
     for i, name in enumerate(columns):
         table.add_column(name, justify="left" if i == 0 else "right")
     for r in rows:
@@ -45,7 +47,7 @@ def case_table(case, rows: List[dict], meta: dict) -> Table:
         cells += [_num(100 * r["fwdbwd_frac_peak"], ".0f")] if gpu else []
         speedup = r["speedup_vs_eager"]
         cells += [_num(r["fwdbwd_x_floor"], ".2f"), _num(r["extra_peak_MB"], ".1f"),
-                  "-" if speedup is None else f"{speedup:.2f}x"]
+                  "-" if speedup is None else f"{speedup:.2f}x", f"{r['loss']:.6g}"]
         table.add_row(*cells, style="bold" if r["kind"] == "backend" else None)
     return table
 
@@ -64,7 +66,7 @@ def targets_table(targets: List[Target]) -> Table:
 
 CSV_FIELDS = ["case", "N", "V", "dtype", "S", "scored_rows", "impl", "kind", "inplace", "fwd_ms", "bwd_ms",
               "fwdbwd_ms", "tokens_per_s", "fwd_GBps", "bwd_GBps", "fwdbwd_GBps", "fwdbwd_frac_copy",
-              "fwdbwd_frac_peak", "fwdbwd_x_floor", "extra_peak_MB", "speedup_vs_eager", "error"]
+              "fwdbwd_frac_peak", "fwdbwd_x_floor", "extra_peak_MB", "speedup_vs_eager", "loss", "error"]
 CSV_META = ["date", "device", "device_name", "torch", "deltal_kernels", "copy_GBps", "peak_GBps"]
 
 
