@@ -173,7 +173,16 @@ def extension_build():
     else:
         ext = CppExtension("deltal_kernels._C", cpp_sources, include_dirs=include, define_macros=macros,
                            extra_compile_args={"cxx": cxx_flags})
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    class BuildExt(BuildExtension):
+        """An editable install (pip install -e, make install) compiles in a fixed build/ folder
+        instead of a fresh temporary one, so ninja rebuilds only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if getattr(self, "editable_mode", False):
+                self.build_temp = str(ROOT / "build" / f"temp-editable-{sys.implementation.cache_tag}")
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extension_build()
