@@ -300,3 +300,25 @@ def test_readme_trl_snippet(model_dir, tmp_path):
                             bf16=False, save_strategy="no")
     assert isinstance(trainer, DeltaLGRPOTrainer) and trainer.loss_type == "delta-l"
     assert trainer.state.global_step == 1 and trainer.max_completion_length == K
+
+
+def test_two_training_steps_log_what_trl_logs(model_dir, tmp_path):
+    """End to end (generation, rewards, two optimizer steps, float32, dk's default backend): with
+    loss_type="dapo" both trainers log the same losses, gradient norms and metrics."""
+    from transformers import AutoTokenizer
+
+    logs = []
+    for trainer_cls, config_cls in ((GRPOTrainer, GRPOConfig), (DeltaLGRPOTrainer, DeltaLGRPOConfig)):
+        args = config_cls(**common_args(tmp_path / trainer_cls.__name__, max_steps=2, logging_steps=1,
+                                        learning_rate=1e-2, loss_type="dapo"))
+        trainer = trainer_cls(model_dir, reward_funcs=reward_len, train_dataset=dataset(),
+                              processing_class=AutoTokenizer.from_pretrained(model_dir), args=args)
+        trainer.train()
+        logs.append([entry for entry in trainer.state.log_history if "loss" in entry and "entropy" in entry])
+    expected, got = logs
+    assert len(expected) == len(got) == 2
+    for e, g in zip(expected, got):
+        assert g["completions/mean_length"] == e["completions/mean_length"]  # the same rollouts
+        for name in ("loss", "grad_norm", "entropy", "clip_ratio/region_mean"):
+            # float32 throughout (TRL's chunked log-probs vs dk's kernels), one update in between
+            assert g[name] == pytest.approx(e[name], rel=1e-5, abs=1e-7), name
