@@ -282,3 +282,14 @@ def test_readme_verl_snippet():
     # float32 both ways, reduced in different orders: a few ulps (2^-24 relative) apart
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(x.grad, x_verl.grad, rtol=1e-6, atol=1e-6 * x_verl.grad.abs().max().item())
+
+
+@needs_verl
+def test_importing_the_module_registers_delta_l_with_verl():
+    import subprocess
+    import sys
+
+    code = ("import deltal_kernels.integrations.verl as m\n"
+            "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
+            "assert get_policy_loss_fn('delta-l').__name__ == 'delta_l_policy_loss'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,6 +1,7 @@
 """verl: Delta-L as a loss aggregation mode, a registered policy loss, and a fused actor loss.
 
-Works without verl for the functions; ``register()`` needs verl (tested against verl 0.9.1).
+Works without verl for the functions; with verl importable, importing this module registers the
+"delta-l" policy loss (alpha = 1; ``register(alpha)`` for another). Tested against verl 0.9.1.
 
 (a) ``agg_loss``: verl's ``core_algos.agg_loss`` signature and semantics for its modes
     ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -17,7 +18,8 @@ Works without verl for the functions; ``register()`` needs verl (tested against 
     Without it (dp_size must be 1) the weights are those of the micro-batch alone.
 (b) ``compute_policy_loss``: verl's ``compute_policy_loss_vanilla`` (clip, dual clip
     ``clip_ratio_c``, rollout importance weights) aggregated by ``agg_loss``; ``register(alpha)``
-    adds it to verl's registry as ``actor.policy_loss.loss_mode="delta-l"``. verl's ``ppo_loss``
+    (run at import when verl is importable) adds it to verl's registry as
+    ``actor.policy_loss.loss_mode="delta-l"``. verl's ``ppo_loss``
     hands a policy loss only the micro-batch's tensors and ``config.global_batch_info`` (dp_size,
     batch_num_tokens, global_batch_size, loss_scale_factor), so the registered loss normalises over
     the micro-batch on one rank unless ``config.global_batch_info["delta_l_weights"]`` holds the
@@ -242,3 +244,11 @@ def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: O
     metrics = {name: Metric(AggregationType.MEAN, out.metrics[key])
                for name, key in names.items() if key in out.metrics}
     return out.loss, metrics
+
+
+try:  # with verl importable, loss_mode="delta-l" is there as soon as this module is imported
+    import verl.trainer.ppo.core_algos  # noqa: F401
+except ImportError:  # no verl: agg_loss, agg_weights and compute_policy_loss still work
+    pass
+else:
+    register()  # alpha = 1; register(alpha=...) replaces it
