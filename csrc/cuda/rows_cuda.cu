@@ -185,10 +185,20 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(const ForwardParams a) 
 }
 
 template <typename T>
-__device__ __forceinline__ T grad_element(T xv, int64_t j, int64_t y, float lse, float entropy, float g, float h,
+__device__ __forceinline__ T grad_element(T xv, bool is_target, float lse, float entropy, float g, float h,
                                           float inv_tau) {
   const float log_p = static_cast<float>(xv) * inv_tau - lse;
-  return T(logit_grad(log_p, dk_exp(log_p), j == y, entropy, g, h, inv_tau));
+  return T(logit_grad(log_p, dk_exp(log_p), is_target, entropy, g, h, inv_tau));
+}
+
+// The gradient of one packet starting at element j0 (the target, if inside, gets the onehot term).
+template <typename T>
+__device__ __forceinline__ void grad_packet(Packet<T>& p, int64_t j0, int64_t y, float lse, float entropy, float g,
+                                            float h, float inv_tau) {
+  const int64_t ty = y - j0;
+  const int target = (ty >= 0 && ty < Packet<T>::N) ? static_cast<int>(ty) : -1;  // one 64-bit test per packet
+#pragma unroll
+  for (int e = 0; e < Packet<T>::N; ++e) p.v[e] = grad_element(p.v[e], e == target, lse, entropy, g, h, inv_tau);
 }
 
 template <typename T, int GROUP>
@@ -226,7 +236,7 @@ __global__ void __launch_bounds__(kBlock) grad_kernel(const GradParams a) {
     const Packet<T>* xb = reinterpret_cast<const Packet<T>*>(x + head);
     Packet<T>* ob = reinterpret_cast<Packet<T>*>(out + head);
 
-    for (int64_t j = tid; j < head; j += GROUP) out[j] = grad_element(x[j], j, y, lse, entropy, g, h, inv_tau);
+    for (int64_t j = tid; j < head; j += GROUP) out[j] = grad_element(x[j], j == y, lse, entropy, g, h, inv_tau);
     int64_t i = tid;
     for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
       Packet<T> p[kUnroll];
@@ -234,22 +244,18 @@ __global__ void __launch_bounds__(kBlock) grad_kernel(const GradParams a) {
       for (int k = 0; k < kUnroll; ++k) p[k].raw = xb[i + k * GROUP].raw;
 #pragma unroll
       for (int k = 0; k < kUnroll; ++k) {
-        const int64_t j0 = head + (i + k * GROUP) * VEC;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) p[k].v[e] = grad_element(p[k].v[e], j0 + e, y, lse, entropy, g, h, inv_tau);
+        grad_packet(p[k], head + (i + k * GROUP) * VEC, y, lse, entropy, g, h, inv_tau);
         ob[i + k * GROUP].raw = p[k].raw;
       }
     }
     for (; i < nvec; i += GROUP) {
       Packet<T> p;
       p.raw = xb[i].raw;
-      const int64_t j0 = head + i * VEC;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) p.v[e] = grad_element(p.v[e], j0 + e, y, lse, entropy, g, h, inv_tau);
+      grad_packet(p, head + i * VEC, y, lse, entropy, g, h, inv_tau);
       ob[i].raw = p.raw;
     }
     for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP)
-      out[j] = grad_element(x[j], j, y, lse, entropy, g, h, inv_tau);
+      out[j] = grad_element(x[j], j == y, lse, entropy, g, h, inv_tau);
   }
 }
 
