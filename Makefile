@@ -9,7 +9,7 @@ VENV ?= $(DK_CACHE)/venv-$(shell cat $(REQS) | sha256sum | cut -c1-12)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv install test bench clean
+.PHONY: venv install test bench test-verl clean
 venv: $(VENV)/.complete
 
 $(VENV)/.complete: $(REQS)
@@ -28,6 +28,19 @@ test: install
 
 bench: install
 	$(PY) -m deltal_kernels.bench
+
+# verl pins its own transformers and pulls ray: its parity tests get their own venv
+VERL_REQS := requirements/verl.txt
+VERL_VENV ?= $(DK_CACHE)/venv-verl-$(shell cat $(VERL_REQS) | sha256sum | cut -c1-12)
+$(VERL_VENV)/.complete: $(VERL_REQS)
+	rm -rf $(VERL_VENV)
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/pip install -q --upgrade pip
+	$(VERL_VENV)/bin/pip install -r $(VERL_REQS)
+	touch $@
+
+test-verl: $(VERL_VENV)/.complete
+	PYTHONPATH=$(CURDIR) $(VERL_VENV)/bin/python -m pytest tests/test_integrations_verl.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info deltal_kernels/*.so
