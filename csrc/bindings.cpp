@@ -9,7 +9,6 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <Python.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -87,11 +86,11 @@ ForwardInputs check_forward(const Tensor& logits, const Tensor& targets, const T
   return in;
 }
 
-ForwardOutputs allocate_outputs(const Tensor& logits, bool zeros) {
+ForwardOutputs allocate_outputs(const Tensor& logits) {
   const auto f32 = logits.options().dtype(at::kFloat);
   const auto u8 = logits.options().dtype(at::kByte);
   const int64_t N = logits.size(0);
-  auto make = [&](const at::TensorOptions& o) { return zeros ? at::zeros({N}, o) : at::empty({N}, o); };
+  auto make = [&](const at::TensorOptions& o) { return at::empty({N}, o); };
   return ForwardOutputs{make(f32), make(f32), make(f32), make(f32), make(f32), make(f32), make(u8)};
 }
 
@@ -104,7 +103,7 @@ Outputs forward_rows(const Tensor& logits, const Tensor& targets, const Tensor& 
   const ForwardInputs in = check_forward(logits, targets, scored, old_logprobs, ref_logprobs, advantages, kl_type);
   const RowParams params = make_params(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef);
   const float inv_tau = inverse_temperature(temperature);
-  ForwardOutputs out = allocate_outputs(logits, /*zeros=*/true);
+  ForwardOutputs out = allocate_outputs(logits);  // the kernels write every row
   if (logits.size(0) == 0) return as_tuple(out);
   if (logits.is_cuda()) {
 #ifdef DK_WITH_CUDA
@@ -128,7 +127,7 @@ Outputs forward_rows_meta(const Tensor& logits, const Tensor& targets, const Ten
   (void)clip_low, (void)clip_high, (void)dual_clip, (void)kl_coef, (void)entropy_coef, (void)temperature,
       (void)need_entropy;
   check_forward(logits, targets, scored, old_logprobs, ref_logprobs, advantages, kl_type);
-  return as_tuple(allocate_outputs(logits, /*zeros=*/false));
+  return as_tuple(allocate_outputs(logits));
 }
 
 struct GradInputs {

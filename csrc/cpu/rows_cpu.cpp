@@ -214,7 +214,11 @@ template <typename T>
 DK_CPU_INLINE void forward_range(const ForwardArgs& a, int64_t begin, int64_t end) {
   const T* logits = static_cast<const T*>(a.logits);
   for (int64_t row = begin; row < end; ++row) {
-    if (!a.scored[row]) continue;  // outputs are zero-filled; unscored rows do no V work
+    if (!a.scored[row]) {  // unscored rows do no V work: zeros
+      a.logp[row] = a.entropy[row] = a.lse[row] = a.loss[row] = a.dlogp[row] = a.kl[row] = 0.0f;
+      a.flags[row] = 0;
+      continue;
+    }
     const int64_t y = a.targets[row];
     TORCH_CHECK_INDEX(y >= 0 && y < a.V, "targets: row ", row, " has target ", y, ", outside [0, V=", a.V, ")");
     const T* x = logits + row * a.V;

@@ -139,7 +139,13 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(const ForwardParams a) 
   // the loop condition and the skip of unscored rows are uniform over a group (a block when GROUP
   // is the block), so the barriers in group_reduce are reached by all of its threads
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
-    if (!a.scored[row]) continue;  // outputs are zero-filled; unscored rows do no V work
+    if (!a.scored[row]) {  // unscored rows do no V work: zeros
+      if (tid == 0) {
+        a.logp[row] = a.entropy[row] = a.lse[row] = a.loss[row] = a.dlogp[row] = a.kl[row] = 0.0f;
+        a.flags[row] = 0;
+      }
+      continue;
+    }
     const T* x = static_cast<const T*>(a.logits) + row * V;
     const int64_t head = head_count<T>(x, V);
     const int64_t nvec = (V - head) / VEC;

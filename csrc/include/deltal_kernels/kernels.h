@@ -15,7 +15,7 @@
 namespace deltal_kernels {
 
 struct ForwardOutputs {
-  at::Tensor logp, entropy, lse, loss, dlogp, kl, flags;  // [N] float32 (flags: uint8), zero-filled
+  at::Tensor logp, entropy, lse, loss, dlogp, kl, flags;  // [N] float32 (flags: uint8); every row written
 };
 
 // ref_logprobs may be an undefined tensor (no KL term).
