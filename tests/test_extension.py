@@ -410,3 +410,27 @@ def test_cuda_64bit_offsets():
                             g[rows].cpu(), h[rows].cpu(), PARAMS.temperature, expected)
     torch.testing.assert_close(logits[rows].cpu().float(), expected.float(), rtol=2**-7, atol=1e-6)
     assert not logits[N - 3].any() and not logits[2].any()  # unscored rows: zeros
+
+
+ROUND = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+SUBNORMAL = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gradient_rounding_over_the_whole_range(device, dtype):
+    """Half-precision gradient stores (vectorised on the CPU): normals, subnormals, large values."""
+    N, V = 4, 4099  # 4099: the vector body and a scalar tail
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(N, V, generator=gen) * 8).to(dtype)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    lse = torch.logsumexp(x.float(), -1)
+    g = torch.tensor([1.0, 1e-3, 3e4, 1e-6])
+    out = torch.empty_like(x, device=device)
+    extension.grad_rows(x.to(device), targets.to(device), lse.to(device), torch.zeros(N, device=device),
+                        g.to(device), torch.zeros(N, device=device), 1.0, out)
+    want = -g[:, None] * torch.exp(x.float() - lse[:, None])
+    want[torch.arange(N), targets] += g
+    # one unit of rounding either way (the float32 exp may differ by an ulp), subnormal spacing included
+    torch.testing.assert_close(out.cpu().float(), want.to(dtype).float(), rtol=2.0 * ROUND[dtype],
+                               atol=SUBNORMAL[dtype])

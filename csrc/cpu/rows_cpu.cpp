@@ -135,6 +135,32 @@ DK_CPU_INLINE void from_float<c10::BFloat16>(const float* buf, int64_t n, c10::B
   for (; i < n; ++i) out[i] = c10::BFloat16(buf[i]);
 }
 
+DK_CPU_INLINE vu32 select_u32(const vint& mask, const vu32& a, const vu32& b) {
+  return (vu32)(mask ? (vint)a : (vint)b);
+}
+
+// c10::Half(float) (fp16_ieee_from_fp32_value: round to nearest even, overflow to inf, NaN -> 0x7E00),
+// W at a time
+template <>
+DK_CPU_INLINE void from_float<c10::Half>(const float* buf, int64_t n, c10::Half* out) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const vu32 w = (vu32)load(buf + i);
+    vfloat base = ((vfloat)(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+    const vu32 shl1_w = w + w;
+    const vu32 sign = w & 0x80000000u;
+    vu32 bias = shl1_w & 0xFF000000u;
+    bias = select_u32(bias < 0x71000000u, vu32{} + 0x71000000u, bias);
+    base = (vfloat)((bias >> 1) + 0x07800000u) + base;
+    const vu32 bits = (vu32)base;
+    const vu32 nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    const vu32 result = (sign >> 16) | select_u32(shl1_w > 0xFF000000u, vu32{} + 0x7E00u, nonsign);
+    const vu16 narrow = __builtin_convertvector(result, vu16);
+    std::memcpy(out + i, &narrow, sizeof(narrow));
+  }
+  for (; i < n; ++i) out[i] = c10::Half(buf[i]);
+}
+
 // buf[0, n) = x * inv_tau; buf[n, round_up(n, W)) = -inf (adds nothing to the statistics)
 template <typename T>
 DK_CPU_INLINE int64_t load_chunk(const T* x, int64_t n, float inv_tau, float* buf) {
