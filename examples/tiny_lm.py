@@ -15,16 +15,12 @@ import deltal_kernels as dk
 BOS, EOS = "^", "$"
 VOCAB = BOS + EOS + "0123456789+=."
 STOI = {c: i for i, c in enumerate(VOCAB)}
-BOS_ID, EOS_ID = STOI[BOS], STOI[EOS]
+EOS_ID = STOI[EOS]
 REASONING_IDS = [STOI[c] for c in "0123456789+."]  # what free "reasoning" is written with
 
 
 def encode(text: str) -> list:
     return [STOI[c] for c in text]
-
-
-def decode(ids) -> str:
-    return "".join(VOCAB[int(i)] for i in ids)
 
 
 class TinyGRULM(nn.Module):
@@ -54,7 +50,7 @@ class TinyGRULM(nn.Module):
         return self.head(torch.stack(hs, 1))
 
     @torch.no_grad()
-    def sample(self, prompts: list, max_new: int, generator: torch.Generator, greedy: bool = False):
+    def sample(self, prompts: list, max_new: int, generator: torch.Generator):
         """Sample one response per prompt (lists of ids, any lengths) until EOS or ``max_new`` tokens.
 
         Returns (responses: list of id lists, each ending with EOS unless truncated, and the
@@ -73,7 +69,7 @@ class TinyGRULM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool)
         for t in range(max_new):
             logp = torch.log_softmax(self.head(h), -1)
-            tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
             out[:, t], logps[:, t] = tok, logp.gather(1, tok[:, None]).squeeze(1)
             ended = ~done & (tok == EOS_ID)
             lengths[ended] = t + 1
@@ -123,12 +119,6 @@ def demonstration(answer: int, max_len: int, p_correct: float, generator: torch.
     return reasoning + [STOI["="], STOI[str(d)], EOS_ID]
 
 
-def cu_answer(responses: list) -> torch.Tensor:
-    """Index of each response's answer digit among the packed response tokens."""
-    ends = torch.cumsum(torch.tensor([len(r) for r in responses]), 0)
-    return ends - 2
-
-
 def pretrain_base(seed: int, *, steps: int, max_len: int, batch: int = 64, p_correct: float = 0.3,
                   lr: float = 1e-2, answer_weight: float = 10.0) -> TinyGRULM:
     """The "base model" RLVR starts from: a TinyGRULM fitted by plain next-token cross-entropy on
@@ -144,7 +134,8 @@ def pretrain_base(seed: int, *, steps: int, max_len: int, batch: int = 64, p_cor
         per_token = torch.nn.functional.cross_entropy(model(tokens)[scored], targets[scored], reduction="none")
         # the answer is 1 token among ~13: weight it up so that a brief fit learns it
         is_answer = torch.zeros_like(per_token, dtype=torch.bool)
-        is_answer[cu_answer(responses)] = True
+        ends = dk.packing.cu_seqlens_from_lengths(torch.tensor([len(r) for r in responses]))[1:]
+        is_answer[ends - 2] = True  # the digit before EOS, in the packed response rows
         loss = (per_token * torch.where(is_answer, answer_weight, 1.0)).mean()
         opt.zero_grad()
         loss.backward()

@@ -136,20 +136,21 @@ def report(results: dict, out: str, tag: str):
             ax[0, 0].fill_between(steps, reward.min(0).values, reward.max(0).values, color=line.get_color(), alpha=0.15)
         acc = torch.tensor([r["history"]["eval_acc"] for r in runs])
         ax[0, 1].plot(runs[0]["history"]["eval_step"], acc.mean(0), "o-", label=label, color=line.get_color())
-        # gradient norms over their run's median: the aggregations' scales differ by ~1/M
-        gn = torch.stack([torch.tensor(r["history"]["grad_norm"]) / torch.tensor(r["history"]["grad_norm"]).median()
-                          for r in runs])
-        ax[1, 0].plot(runs[0]["history"]["step"], gn[0], lw=0.8, label=f"{label} (seed {runs[0]['seed']})",
-                      color=line.get_color())
+        jitter = torch.tensor([summarize(r["history"], 1)["grad_norm_log_jitter"] for r in runs])
+        k = len(ax[1, 0].patches)
+        ax[1, 0].bar(k, float(jitter.mean()), yerr=float(jitter.std()) if len(runs) > 1 else 0.0,
+                     color=line.get_color(), label=label)
         length = torch.stack([smooth(r["history"]["mean_len"]) for r in runs])
         ax[1, 1].plot(steps, length.mean(0), label=label, color=line.get_color())
     n = len(results["seeds"])
     ax[0, 0].set(xlabel="step", ylabel="train reward", title=f"Train reward ({window}-step mean; {n} seeds: mean, range)")
     ax[0, 1].set(xlabel="step", ylabel="eval reward", title=f"Held-out success rate (mean of {n} seeds)")
-    ax[1, 0].set(xlabel="step", ylabel="grad norm / run median", yscale="log", title="Gradient norm, one seed")
+    ax[1, 0].set(xticks=[], ylabel="std of log(|g_t| / |g_t-1|)",
+                 title=f"Gradient-norm jitter, step to step (mean, sd over {n} seeds; lower = steadier)")
     ax[1, 1].set(xlabel="step", ylabel="mean response length", title="Response length")
+    ax[1, 0].set_ylim(0, 1.4 * max(bar.get_height() for bar in ax[1, 0].patches))  # room for the legend
     for a in ax.flat:
-        a.legend(fontsize=8)
+        a.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"{tag}.png"), dpi=110)
     plt.close(fig)

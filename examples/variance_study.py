@@ -204,7 +204,6 @@ def length_scaling(G: torch.Tensor, lengths: torch.Tensor, bins: int) -> dict:
 
 
 def real_model(*, base_steps, pool_groups, group, groups_per_batch, batches, max_len, seed, bins) -> dict:
-    torch.manual_seed(seed)
     model = pretrain_base(seed, steps=base_steps, max_len=max_len)
     data = rollouts(model, pool_groups, group, max_len, seed + 100)
     G = all_grads(model, data, data["adv"], max_len)
@@ -335,7 +334,7 @@ def main(argv=None):
     res["real"] = real_model(seed=args.seed, **real_cfg)
     res["wall_s"] = time.perf_counter() - t0
     os.makedirs(args.out, exist_ok=True)
-    tag = "variance_study_quick" if args.quick else "variance_study"
+    tag = ("variance_study_quick" if args.quick else "variance_study") + (f"_seed{args.seed}" if args.seed else "")
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump(res, f)
     write_tables(res, args.out, tag)
