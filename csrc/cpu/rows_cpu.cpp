@@ -2,11 +2,12 @@
 //
 // One row is handled by one thread, so results do not depend on the thread count (deterministic).
 // Within a row the logits are converted to float32 (times 1/tau) a chunk at a time into an
-// L1-resident buffer, and the loops over the buffer are written over W independent lanes, which the
-// compiler maps onto SIMD registers (SSE2 by default, AVX2/AVX-512 through function multiversioning:
-// target_clones picks the best the running CPU has). The exponential is a branch-free polynomial so
-// it vectorises too. The softmax statistics are online per chunk (one pass over the row), merged
-// with the shared row_math.h functions; nothing [N, V]-sized is allocated.
+// L1-resident buffer; the loops over the buffer use 16-lane float32 vectors (GCC/Clang vector
+// extensions), which the compiler lowers to the SIMD of each function clone: AVX-512, AVX2 or the
+// x86-64 baseline SSE2, picked at load time for the running CPU (target_clones). The exponential is
+// a branch-free polynomial on those vectors; bfloat16/float16 loads and stores are vectorised too.
+// The softmax statistics are online per chunk (one pass over the row) and rescaled with the shared
+// row_math.h functions; nothing [N, V]-sized is allocated. Needs GCC or Clang (vector extensions).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -21,7 +22,8 @@
 #include "deltal_kernels/kernels.h"
 #include "deltal_kernels/row_math.h"
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(DK_NO_TARGET_CLONES)
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(DK_NO_TARGET_CLONES) && \
+    (!defined(__clang__) || __clang_major__ >= 14)
 #define DK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DK_CPU_CLONES
