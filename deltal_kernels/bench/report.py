@@ -29,9 +29,10 @@ def case_table(case, rows: List[dict], meta: dict) -> Table:
     b = rows[0]["bytes"]
     title = (f"{case.label}  ({rows[0]['S']} sequences, {rows[0]['scored_rows']} scored rows; "
              f"fwd+bwd moves {b['fwdbwd'] / 1e9:.3f} GB, 2-pass floor {b['floor'] / 1e9:.3f} GB)")
-    table = Table(title=title, title_justify="left", caption_justify="left",
-                  caption="bold: this package's backends. loss: the value each computed, the same for all "
-                          "(but liger, which takes the batch's mean advantage)")
+    caption = "bold: this package's backends. loss: the value each computed, the same for all"
+    if any(r["impl"] == "liger" for r in rows):
+        caption += " but liger (it takes the batch's mean advantage)"
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     columns = ["impl", "fwd ms", "bwd ms", "fwd+bwd ms", "tokens/s", "GB/s", "% copy BW"]
     columns += ["% peak BW"] if gpu else []
     columns += ["x floor", "extra peak MB", "vs eager", "loss"]
