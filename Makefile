@@ -9,7 +9,7 @@ VENV ?= $(DK_CACHE)/venv-$(shell cat $(REQS) | sha256sum | cut -c1-12)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv install test bench test-verl clean
+.PHONY: venv install test bench gpu-check test-verl clean
 venv: $(VENV)/.complete
 
 $(VENV)/.complete: $(REQS)
@@ -28,6 +28,11 @@ test: install
 
 bench: install
 	$(PY) -m deltal_kernels.bench
+
+# on a machine with a CUDA GPU: build, whole test suite on CUDA (cuda + triton, Triton compiled, no
+# interpreter), GPU benchmark; logs and results under bench/results/
+gpu-check: venv
+	PY=$(PY) scripts/gpu_check.sh
 
 # verl pins its own transformers and pulls ray: its parity tests get their own venv
 VERL_REQS := requirements/verl.txt
