@@ -2,6 +2,8 @@
 //
 //   torch.ops.deltal_kernels_ext.forward_rows(...)  -> (logp, entropy, lse, loss, dlogp, kl, flags)
 //   torch.ops.deltal_kernels_ext.grad_rows(..., out) -> ()   (writes out; out may be logits)
+//   torch.ops.deltal_kernels_ext.forward_grad_rows(..., row_weights, grad_scale, out)
+//                                                   -> forward_rows' outputs, and writes out (may be logits)
 //   torch.ops.deltal_kernels_ext.build_info()       -> str  ("key=value" lines)
 //
 // Kernels for the CPU and CUDA dispatch keys, and Meta kernels (shapes only) for tracing.
@@ -130,6 +132,25 @@ Outputs forward_rows_meta(const Tensor& logits, const Tensor& targets, const Ten
   return as_tuple(allocate_outputs(logits));
 }
 
+// The gradient buffer: the logits' shape, dtype and device, contiguous.
+void check_out(const Tensor& out, const Tensor& logits) {
+  TORCH_CHECK_VALUE(out.sizes() == logits.sizes(), "out: expected shape ", logits.sizes(), " (the logits' shape), got ",
+                    out.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == logits.scalar_type(), "out: expected dtype ", logits.scalar_type(),
+                   " (the logits' dtype), got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == logits.device(), "out: expected a tensor on ", logits.device(), ", got one on ",
+                    out.device());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out: expected a contiguous tensor");
+}
+
+// out is either the logits' own storage (in place: each element is read before it is written)
+// or memory that does not overlap them
+void check_out_overlap(const Tensor& out, const Tensor& logits) {
+  const auto overlap = at::get_overlap_status(out, logits);
+  TORCH_CHECK_VALUE(overlap == at::MemOverlapStatus::No || out.data_ptr() == logits.data_ptr(),
+                    "out: must be the logits themselves or not overlap them");
+}
+
 struct GradInputs {
   Tensor targets, lse, entropy, g, h;
 };
@@ -140,13 +161,7 @@ GradInputs check_grad(const Tensor& logits, const Tensor& targets, const Tensor&
   GradInputs in{row_input("targets", targets, logits, at::kLong), row_input("lse", lse, logits, at::kFloat),
                 row_input("entropy", entropy, logits, at::kFloat), row_input("g", g, logits, at::kFloat),
                 row_input("h", h, logits, at::kFloat)};
-  TORCH_CHECK_VALUE(out.sizes() == logits.sizes(), "out: expected shape ", logits.sizes(), " (the logits' shape), got ",
-                    out.sizes());
-  TORCH_CHECK_TYPE(out.scalar_type() == logits.scalar_type(), "out: expected dtype ", logits.scalar_type(),
-                   " (the logits' dtype), got ", out.scalar_type());
-  TORCH_CHECK_VALUE(out.device() == logits.device(), "out: expected a tensor on ", logits.device(), ", got one on ",
-                    out.device());
-  TORCH_CHECK_VALUE(out.is_contiguous(), "out: expected a contiguous tensor");
+  check_out(out, logits);
   return in;
 }
 
@@ -154,11 +169,7 @@ void grad_rows(const Tensor& logits, const Tensor& targets, const Tensor& lse, c
                const Tensor& h, double temperature, const Tensor& out) {
   const GradInputs in = check_grad(logits, targets, lse, entropy, g, h, out);
   const float inv_tau = inverse_temperature(temperature);
-  // out is either the logits' own storage (in place: each element is read before it is written)
-  // or memory that does not overlap them
-  const auto overlap = at::get_overlap_status(out, logits);
-  TORCH_CHECK_VALUE(overlap == at::MemOverlapStatus::No || out.data_ptr() == logits.data_ptr(),
-                    "out: must be the logits themselves or not overlap them");
+  check_out_overlap(out, logits);
   if (logits.numel() == 0) return;
   if (logits.is_cuda()) {
 #ifdef DK_WITH_CUDA
@@ -175,6 +186,48 @@ void grad_rows_meta(const Tensor& logits, const Tensor& targets, const Tensor& l
                     const Tensor& g, const Tensor& h, double temperature, const Tensor& out) {
   (void)temperature;
   check_grad(logits, targets, lse, entropy, g, h, out);
+}
+
+// forward_rows plus the gradient of grad_scale * sum_t row_weights[t] * loss[t] written into out,
+// in the same pass over each row (the optional fused function of the row contract).
+Outputs forward_grad_rows(const Tensor& logits, const Tensor& targets, const Tensor& scored,
+                          const Tensor& old_logprobs, const std::optional<Tensor>& ref_logprobs,
+                          const Tensor& advantages, double clip_low, double clip_high, double dual_clip,
+                          double kl_coef, int64_t kl_type, double entropy_coef, double temperature, bool need_entropy,
+                          const Tensor& row_weights, double grad_scale, const Tensor& out) {
+  const ForwardInputs in = check_forward(logits, targets, scored, old_logprobs, ref_logprobs, advantages, kl_type);
+  const Tensor weights = row_input("row_weights", row_weights, logits, at::kFloat);
+  check_out(out, logits);
+  check_out_overlap(out, logits);
+  const RowParams params = make_params(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef);
+  const float inv_tau = inverse_temperature(temperature);
+  ForwardOutputs fwd = allocate_outputs(logits);  // the kernels write every row, and every row of out
+  if (logits.size(0) == 0) return as_tuple(fwd);
+  if (logits.is_cuda()) {
+#ifdef DK_WITH_CUDA
+    forward_grad_rows_cuda(logits, in.targets, in.scored, in.old_logprobs, in.ref_logprobs, in.advantages, params,
+                           inv_tau, need_entropy, weights, static_cast<float>(grad_scale), fwd, out);
+#else
+    TORCH_CHECK(false, "deltal_kernels: the extension was built without CUDA");
+#endif
+  } else {
+    forward_grad_rows_cpu(logits, in.targets, in.scored, in.old_logprobs, in.ref_logprobs, in.advantages, params,
+                          inv_tau, need_entropy, weights, static_cast<float>(grad_scale), fwd, out);
+  }
+  return as_tuple(fwd);
+}
+
+Outputs forward_grad_rows_meta(const Tensor& logits, const Tensor& targets, const Tensor& scored,
+                               const Tensor& old_logprobs, const std::optional<Tensor>& ref_logprobs,
+                               const Tensor& advantages, double clip_low, double clip_high, double dual_clip,
+                               double kl_coef, int64_t kl_type, double entropy_coef, double temperature,
+                               bool need_entropy, const Tensor& row_weights, double grad_scale, const Tensor& out) {
+  (void)clip_low, (void)clip_high, (void)dual_clip, (void)kl_coef, (void)entropy_coef, (void)temperature,
+      (void)need_entropy, (void)grad_scale;
+  check_forward(logits, targets, scored, old_logprobs, ref_logprobs, advantages, kl_type);
+  row_input("row_weights", row_weights, logits, at::kFloat);
+  check_out(out, logits);
+  return as_tuple(allocate_outputs(logits));
 }
 
 std::string build_info() {
@@ -205,24 +258,32 @@ TORCH_LIBRARY(deltal_kernels_ext, m) {
   m.def(
       "grad_rows(Tensor logits, Tensor targets, Tensor lse, Tensor entropy, Tensor g, Tensor h, float temperature, "
       "Tensor(a!) out) -> ()");
+  m.def(
+      "forward_grad_rows(Tensor logits, Tensor targets, Tensor scored, Tensor old_logprobs, Tensor? ref_logprobs, "
+      "Tensor advantages, float clip_low, float clip_high, float dual_clip, float kl_coef, int kl_type, "
+      "float entropy_coef, float temperature, bool need_entropy, Tensor row_weights, float grad_scale, "
+      "Tensor(a!) out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("build_info() -> str", &deltal_kernels::build_info);
 }
 
 TORCH_LIBRARY_IMPL(deltal_kernels_ext, CPU, m) {
   m.impl("forward_rows", &deltal_kernels::forward_rows);
   m.impl("grad_rows", &deltal_kernels::grad_rows);
+  m.impl("forward_grad_rows", &deltal_kernels::forward_grad_rows);
 }
 
 #ifdef DK_WITH_CUDA
 TORCH_LIBRARY_IMPL(deltal_kernels_ext, CUDA, m) {
   m.impl("forward_rows", &deltal_kernels::forward_rows);
   m.impl("grad_rows", &deltal_kernels::grad_rows);
+  m.impl("forward_grad_rows", &deltal_kernels::forward_grad_rows);
 }
 #endif
 
 TORCH_LIBRARY_IMPL(deltal_kernels_ext, Meta, m) {
   m.impl("forward_rows", &deltal_kernels::forward_rows_meta);
   m.impl("grad_rows", &deltal_kernels::grad_rows_meta);
+  m.impl("forward_grad_rows", &deltal_kernels::forward_grad_rows_meta);
 }
 
 // A Python module with no functions: importing deltal_kernels._C loads this library, whose static

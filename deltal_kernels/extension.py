@@ -93,6 +93,17 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
     _ops().grad_rows(logits, targets, lse, entropy, g, h, temperature, out)
 
 
+def forward_grad_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages, p, need_entropy, row_weights,
+                      grad_scale, out):
+    """The fused row contract (see ``dispatch``): ``forward_rows``' outputs, and the gradient of
+    ``grad_scale * sum_t row_weights[t] * loss[t]`` w.r.t. the logits written into ``out`` (may be
+    ``logits``) by the same pass over each row; the same bits as ``grad_rows`` with
+    g = (grad_scale * w) * dlogp and h = (grad_scale * w) * -entropy_coef."""
+    return _ops().forward_grad_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages, p.clip_low,
+                                    p.clip_high, p.dual_clip, p.kl_coef, p.kl_type, p.entropy_coef, p.temperature,
+                                    need_entropy, row_weights.to(torch.float32), float(grad_scale), out)
+
+
 def build_info() -> dict:
     """Build facts for bug reports (``python -m deltal_kernels``)."""
     if _C is None:

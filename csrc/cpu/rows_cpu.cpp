@@ -238,31 +238,40 @@ struct ForwardArgs {
   uint8_t* flags;
 };
 
+// unscored rows do no V work: zeros in every [N] output
+DK_CPU_INLINE void store_unscored_row(const ForwardArgs& a, int64_t row) {
+  a.logp[row] = a.entropy[row] = a.lse[row] = a.loss[row] = a.dlogp[row] = a.kl[row] = 0.0f;
+  a.flags[row] = 0;
+}
+
+// One scored row x = logits[row]: one pass over V, the epilogue, the [N] outputs written.
+template <typename T>
+DK_CPU_INLINE RowResult forward_row(const ForwardArgs& a, int64_t row, const T* x) {
+  const int64_t y = a.targets[row];
+  TORCH_CHECK_INDEX(y >= 0 && y < a.V, "targets: row ", row, " has target ", y, ", outside [0, V=", a.V, ")");
+  const SoftmaxStats st = row_stats(x, a.V, a.inv_tau);
+  const float zy = static_cast<float>(x[y]) * a.inv_tau;
+  const float ref = a.ref_logprobs ? a.ref_logprobs[row] : 0.0f;
+  const RowResult r = row_epilogue(st, zy, a.need_entropy, a.old_logprobs[row], ref, a.advantages[row], a.params);
+  a.logp[row] = r.logp;
+  a.entropy[row] = r.entropy;
+  a.lse[row] = r.lse;
+  a.loss[row] = r.terms.loss;
+  a.dlogp[row] = r.terms.dlogp;
+  a.kl[row] = r.terms.kl;
+  a.flags[row] = r.terms.flags;
+  return r;
+}
+
 template <typename T>
 DK_CPU_INLINE void forward_range(const ForwardArgs& a, int64_t begin, int64_t end) {
   const T* logits = static_cast<const T*>(a.logits);
   for (int64_t row = begin; row < end; ++row) {
-    if (!a.scored[row]) {  // unscored rows do no V work: zeros
-      a.logp[row] = a.entropy[row] = a.lse[row] = a.loss[row] = a.dlogp[row] = a.kl[row] = 0.0f;
-      a.flags[row] = 0;
-      continue;
+    if (a.scored[row]) {
+      forward_row(a, row, logits + row * a.V);
+    } else {
+      store_unscored_row(a, row);
     }
-    const int64_t y = a.targets[row];
-    TORCH_CHECK_INDEX(y >= 0 && y < a.V, "targets: row ", row, " has target ", y, ", outside [0, V=", a.V, ")");
-    const T* x = logits + row * a.V;
-    const SoftmaxStats st = row_stats(x, a.V, a.inv_tau);
-    const float lse = softmax_lse(st);
-    const float logp = static_cast<float>(x[y]) * a.inv_tau - lse;
-    const float entropy = a.need_entropy ? softmax_entropy(st) : 0.0f;
-    const float ref = a.ref_logprobs ? a.ref_logprobs[row] : 0.0f;
-    const RowTerms t = row_terms(logp, entropy, a.old_logprobs[row], ref, a.advantages[row], a.params);
-    a.logp[row] = logp;
-    a.entropy[row] = entropy;
-    a.lse[row] = lse;
-    a.loss[row] = t.loss;
-    a.dlogp[row] = t.dlogp;
-    a.kl[row] = t.kl;
-    a.flags[row] = t.flags;
   }
 }
 
@@ -286,37 +295,40 @@ struct GradArgs {
   float inv_tau;
 };
 
+// One row of the gradient into out (may be x itself: every chunk is read before it is written).
+// buf: a CHUNK-float scratch buffer.
+template <typename T>
+DK_CPU_INLINE void grad_row(const T* x, T* out, int64_t V, int64_t row, int64_t y, float lse, float H, float g,
+                            float h, float inv_tau, float* buf) {
+  if (g == 0.0f && h == 0.0f) {  // exact zeros, the logits are not read
+    for (int64_t i = 0; i < V; ++i) out[i] = T(0.0f);
+    return;
+  }
+  TORCH_CHECK_INDEX(y >= 0 && y < V, "targets: row ", row, " has target ", y, ", outside [0, V=", V, ")");
+  const float zy = static_cast<float>(x[y]) * inv_tau;  // read before out (maybe x itself) is written
+  const vfloat lse_v = splat(lse), H_v = splat(H), zero = splat(0.0f);
+  for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
+    const int64_t n = std::min(CHUNK, V - c0);
+    const int64_t nb = load_chunk(x + c0, n, inv_tau, buf);
+    for (int64_t i = 0; i < nb; i += W) {  // logit_grad of row_math.h, W lanes at a time
+      const vfloat log_p = load(buf + i) - lse_v;
+      const vfloat p = exp_vec(log_p);
+      vfloat grad = -g * p;
+      grad -= h * select(p > zero, p * (log_p + H_v), zero);
+      store(buf + i, grad * inv_tau);
+    }
+    from_float(buf, n, out + c0);
+  }
+  const float log_py = zy - lse;
+  out[y] = T(logit_grad(log_py, exp_lane(log_py), true, H, g, h, inv_tau));
+}
+
 template <typename T>
 DK_CPU_INLINE void grad_range(const GradArgs& a, int64_t begin, int64_t end) {
-  const int64_t V = a.V;
   alignas(64) float buf[CHUNK];
   for (int64_t row = begin; row < end; ++row) {
-    const T* x = static_cast<const T*>(a.logits) + row * V;
-    T* out = static_cast<T*>(a.out) + row * V;
-    const float g = a.g[row], h = a.h[row];
-    if (g == 0.0f && h == 0.0f) {  // exact zeros, the logits are not read
-      for (int64_t i = 0; i < V; ++i) out[i] = T(0.0f);
-      continue;
-    }
-    const int64_t y = a.targets[row];
-    TORCH_CHECK_INDEX(y >= 0 && y < V, "targets: row ", row, " has target ", y, ", outside [0, V=", V, ")");
-    const float lse = a.lse[row], H = a.entropy[row], inv_tau = a.inv_tau;
-    const float zy = static_cast<float>(x[y]) * inv_tau;  // read before out (maybe x itself) is written
-    const vfloat lse_v = splat(lse), H_v = splat(H), zero = splat(0.0f);
-    for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
-      const int64_t n = std::min(CHUNK, V - c0);
-      const int64_t nb = load_chunk(x + c0, n, inv_tau, buf);
-      for (int64_t i = 0; i < nb; i += W) {  // logit_grad of row_math.h, W lanes at a time
-        const vfloat log_p = load(buf + i) - lse_v;
-        const vfloat p = exp_vec(log_p);
-        vfloat grad = -g * p;
-        grad -= h * select(p > zero, p * (log_p + H_v), zero);
-        store(buf + i, grad * inv_tau);
-      }
-      from_float(buf, n, out + c0);
-    }
-    const float log_py = zy - lse;
-    out[y] = T(logit_grad(log_py, exp_lane(log_py), true, H, g, h, inv_tau));
+    grad_row(static_cast<const T*>(a.logits) + row * a.V, static_cast<T*>(a.out) + row * a.V, a.V, row,
+             a.targets[row], a.lse[row], a.entropy[row], a.g[row], a.h[row], a.inv_tau, buf);
   }
 }
 
@@ -326,33 +338,85 @@ DK_CPU_CLONES void grad_range_bf16(const GradArgs& a, int64_t b, int64_t e) {
   grad_range<c10::BFloat16>(a, b, e);
 }
 
+struct FusedArgs {
+  ForwardArgs fwd;
+  void* out;                 // the gradient [N, V]; may equal fwd.logits
+  const float* row_weights;  // w_t
+  float grad_scale;
+};
+
+// forward_range and grad_range in one pass over the rows: each row is reduced, then re-read for its
+// gradient while it is still in this core's cache (<= 1 MiB for V <= 256k float32), instead of from
+// DRAM in a later backward pass. Same functions, same arguments: the same bits as the two passes.
+template <typename T>
+DK_CPU_INLINE void forward_grad_range(const FusedArgs& a, int64_t begin, int64_t end) {
+  const ForwardArgs& f = a.fwd;
+  const int64_t V = f.V;
+  alignas(64) float buf[CHUNK];
+  for (int64_t row = begin; row < end; ++row) {
+    const T* x = static_cast<const T*>(f.logits) + row * V;
+    T* out = static_cast<T*>(a.out) + row * V;
+    if (!f.scored[row]) {
+      store_unscored_row(f, row);
+      grad_row(x, out, V, row, 0, 0.0f, 0.0f, 0.0f, 0.0f, f.inv_tau, buf);  // zeros
+      continue;
+    }
+    const RowResult r = forward_row(f, row, x);
+    const GradFactors gh = weighted_grad_factors(a.row_weights[row], a.grad_scale, r.terms.dlogp,
+                                                 f.params.entropy_coef);
+    grad_row(x, out, V, row, f.targets[row], r.lse, r.entropy, gh.g, gh.h, f.inv_tau, buf);
+  }
+}
+
+DK_CPU_CLONES void forward_grad_range_f32(const FusedArgs& a, int64_t b, int64_t e) {
+  forward_grad_range<float>(a, b, e);
+}
+DK_CPU_CLONES void forward_grad_range_f16(const FusedArgs& a, int64_t b, int64_t e) {
+  forward_grad_range<c10::Half>(a, b, e);
+}
+DK_CPU_CLONES void forward_grad_range_bf16(const FusedArgs& a, int64_t b, int64_t e) {
+  forward_grad_range<c10::BFloat16>(a, b, e);
+}
+
 // rows per parallel task: about 64k elements each, so small-V batches are not split too finely
 int64_t grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(V, 1)); }
 
 }  // namespace cpu
+
+namespace {
+
+cpu::ForwardArgs forward_args(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
+                              const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
+                              const at::Tensor& advantages, const RowParams& params, float inv_tau,
+                              bool need_entropy, ForwardOutputs& out) {
+  return cpu::ForwardArgs{logits.const_data_ptr(),
+                          targets.const_data_ptr<int64_t>(),
+                          scored.const_data_ptr<bool>(),
+                          old_logprobs.const_data_ptr<float>(),
+                          ref_logprobs.defined() ? ref_logprobs.const_data_ptr<float>() : nullptr,
+                          advantages.const_data_ptr<float>(),
+                          logits.size(1),
+                          inv_tau,
+                          need_entropy,
+                          params,
+                          out.logp.mutable_data_ptr<float>(),
+                          out.entropy.mutable_data_ptr<float>(),
+                          out.lse.mutable_data_ptr<float>(),
+                          out.loss.mutable_data_ptr<float>(),
+                          out.dlogp.mutable_data_ptr<float>(),
+                          out.kl.mutable_data_ptr<float>(),
+                          out.flags.mutable_data_ptr<uint8_t>()};
+}
+
+}  // namespace
 
 void forward_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
                       const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
                       const at::Tensor& advantages, const RowParams& params, float inv_tau,
                       bool need_entropy, ForwardOutputs& out) {
   const int64_t N = logits.size(0);
-  cpu::ForwardArgs a{logits.const_data_ptr(),
-                     targets.const_data_ptr<int64_t>(),
-                     scored.const_data_ptr<bool>(),
-                     old_logprobs.const_data_ptr<float>(),
-                     ref_logprobs.defined() ? ref_logprobs.const_data_ptr<float>() : nullptr,
-                     advantages.const_data_ptr<float>(),
-                     logits.size(1),
-                     inv_tau,
-                     need_entropy,
-                     params,
-                     out.logp.mutable_data_ptr<float>(),
-                     out.entropy.mutable_data_ptr<float>(),
-                     out.lse.mutable_data_ptr<float>(),
-                     out.loss.mutable_data_ptr<float>(),
-                     out.dlogp.mutable_data_ptr<float>(),
-                     out.kl.mutable_data_ptr<float>(),
-                     out.flags.mutable_data_ptr<uint8_t>()};
+  const cpu::ForwardArgs a =
+      forward_args(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out);
   void (*fn)(const cpu::ForwardArgs&, int64_t, int64_t) = nullptr;
   switch (logits.scalar_type()) {
     case at::kFloat: fn = cpu::forward_range_f32; break;
@@ -361,6 +425,25 @@ void forward_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const
     default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
   }
   at::parallel_for(0, N, cpu::grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void forward_grad_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
+                           const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
+                           const at::Tensor& advantages, const RowParams& params, float inv_tau,
+                           bool need_entropy, const at::Tensor& row_weights, float grad_scale,
+                           ForwardOutputs& out, const at::Tensor& grad) {
+  const int64_t N = logits.size(0);
+  const cpu::FusedArgs a{
+      forward_args(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out),
+      grad.data_ptr(), row_weights.const_data_ptr<float>(), grad_scale};
+  void (*fn)(const cpu::FusedArgs&, int64_t, int64_t) = nullptr;
+  switch (logits.scalar_type()) {
+    case at::kFloat: fn = cpu::forward_grad_range_f32; break;
+    case at::kHalf: fn = cpu::forward_grad_range_f16; break;
+    case at::kBFloat16: fn = cpu::forward_grad_range_bf16; break;
+    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
+  }
+  at::parallel_for(0, N, cpu::grain(a.fwd.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 void grad_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,

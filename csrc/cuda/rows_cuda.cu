@@ -12,6 +12,9 @@
 //   and the grid is sized to the device, not to N.
 // - The per-row math (online softmax merge, clipping, KL, entropy, gradient element) is the shared
 //   row_math.h, the same code the CPU kernels run.
+// - forward_grad_kernel (the fused forward + gradient) is forward_kernel's row pass and epilogue
+//   followed by grad_kernel's row pass (the same device functions), with the grid bounded so the
+//   rows in flight stay in L2 for the second read.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -126,67 +129,78 @@ __device__ __forceinline__ SoftmaxStats group_reduce(SoftmaxStats st, SoftmaxSta
   return st;
 }
 
+// The softmax statistics of one row x, reduced over the group; every thread of the group gets them.
+template <typename T, int GROUP>
+__device__ __forceinline__ SoftmaxStats row_stats(const T* x, int64_t V, float inv_tau, int tid, SoftmaxStats* smem) {
+  constexpr int VEC = Packet<T>::N;
+  const int64_t head = head_count<T>(x, V);
+  const int64_t nvec = (V - head) / VEC;
+  const Packet<T>* body = reinterpret_cast<const Packet<T>*>(x + head);
+
+  SoftmaxStats st = softmax_empty();
+  for (int64_t j = tid; j < head; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
+  int64_t i = tid;
+  for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
+    Packet<T> p[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) p[k].raw = __ldg(&body[i + k * GROUP].raw);
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) push_packet(st, p[k], inv_tau);
+  }
+  for (; i < nvec; i += GROUP) {
+    Packet<T> p;
+    p.raw = __ldg(&body[i].raw);
+    push_packet(st, p, inv_tau);
+  }
+  for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
+  return group_reduce<GROUP>(st, smem);
+}
+
+// The epilogue of one scored row (row_math.h's row_epilogue on the reduced statistics).
+template <typename T>
+__device__ __forceinline__ RowResult forward_epilogue(const ForwardParams& a, int64_t row, const T* x,
+                                                      const SoftmaxStats& st) {
+  const int64_t y = a.targets[row];
+  // targets are validated before any kernel runs; one that is out of range anyway (e.g. under
+  // torch.compile, which skips the value checks) gives NaN, never an out-of-bounds read
+  const float zy = (y >= 0 && y < a.V) ? static_cast<float>(x[y]) * a.inv_tau : NAN;
+  const float ref = a.ref_logprobs != nullptr ? a.ref_logprobs[row] : 0.0f;
+  return row_epilogue(st, zy, a.need_entropy, a.old_logprobs[row], ref, a.advantages[row], a.params);
+}
+
+__device__ __forceinline__ void store_row(const ForwardParams& a, int64_t row, const RowResult& r) {
+  a.logp[row] = r.logp;
+  a.entropy[row] = r.entropy;
+  a.lse[row] = r.lse;
+  a.loss[row] = r.terms.loss;
+  a.dlogp[row] = r.terms.dlogp;
+  a.kl[row] = r.terms.kl;
+  a.flags[row] = r.terms.flags;
+}
+
+// unscored rows do no V work: zeros in every [N] output
+__device__ __forceinline__ void store_unscored_row(const ForwardParams& a, int64_t row) {
+  a.logp[row] = a.entropy[row] = a.lse[row] = a.loss[row] = a.dlogp[row] = a.kl[row] = 0.0f;
+  a.flags[row] = 0;
+}
+
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kBlock) forward_kernel(const ForwardParams a) {
   static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
   constexpr int ROWS = kBlock / GROUP;
-  constexpr int VEC = Packet<T>::N;
   __shared__ SoftmaxStats smem[kBlock / kWarp];
   const int tid = threadIdx.x % GROUP;
-  const int64_t V = a.V;
-  const float inv_tau = a.inv_tau;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
   // the loop condition and the skip of unscored rows are uniform over a group (a block when GROUP
   // is the block), so the barriers in group_reduce are reached by all of its threads
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
-    if (!a.scored[row]) {  // unscored rows do no V work: zeros
-      if (tid == 0) {
-        a.logp[row] = a.entropy[row] = a.lse[row] = a.loss[row] = a.dlogp[row] = a.kl[row] = 0.0f;
-        a.flags[row] = 0;
-      }
+    if (!a.scored[row]) {
+      if (tid == 0) store_unscored_row(a, row);
       continue;
     }
-    const T* x = static_cast<const T*>(a.logits) + row * V;
-    const int64_t head = head_count<T>(x, V);
-    const int64_t nvec = (V - head) / VEC;
-    const Packet<T>* body = reinterpret_cast<const Packet<T>*>(x + head);
-
-    SoftmaxStats st = softmax_empty();
-    for (int64_t j = tid; j < head; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
-    int64_t i = tid;
-    for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
-      Packet<T> p[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) p[k].raw = __ldg(&body[i + k * GROUP].raw);
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) push_packet(st, p[k], inv_tau);
-    }
-    for (; i < nvec; i += GROUP) {
-      Packet<T> p;
-      p.raw = __ldg(&body[i].raw);
-      push_packet(st, p, inv_tau);
-    }
-    for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
-    st = group_reduce<GROUP>(st, smem);
-
-    if (tid == 0) {
-      const int64_t y = a.targets[row];
-      // targets are validated before any kernel runs; one that is out of range anyway (e.g. under
-      // torch.compile, which skips the value checks) gives NaN, never an out-of-bounds read
-      const float zy = (y >= 0 && y < V) ? static_cast<float>(x[y]) * inv_tau : NAN;
-      const float lse = softmax_lse(st);
-      const float logp = zy - lse;
-      const float entropy = a.need_entropy ? softmax_entropy(st) : 0.0f;
-      const float ref = a.ref_logprobs != nullptr ? a.ref_logprobs[row] : 0.0f;
-      const RowTerms t = row_terms(logp, entropy, a.old_logprobs[row], ref, a.advantages[row], a.params);
-      a.logp[row] = logp;
-      a.entropy[row] = entropy;
-      a.lse[row] = lse;
-      a.loss[row] = t.loss;
-      a.dlogp[row] = t.dlogp;
-      a.kl[row] = t.kl;
-      a.flags[row] = t.flags;
-    }
+    const T* x = static_cast<const T*>(a.logits) + row * a.V;
+    const SoftmaxStats st = row_stats<T, GROUP>(x, a.V, a.inv_tau, tid, smem);
+    if (tid == 0) store_row(a, row, forward_epilogue(a, row, x, st));
   }
 }
 
@@ -207,61 +221,110 @@ __device__ __forceinline__ void grad_packet(Packet<T>& p, int64_t j0, int64_t y,
   for (int e = 0; e < Packet<T>::N; ++e) p.v[e] = grad_element(p.v[e], e == target, lse, entropy, g, h, inv_tau);
 }
 
+// One row of the gradient by the threads of a group (tid: the thread's index in it) into out, which
+// may be x itself: each element is read before it is written, by the same thread. Rows with
+// g == h == 0 get exact zeros without reading x.
+template <typename T, int GROUP>
+__device__ __forceinline__ void grad_row(const T* x, T* out, int64_t V, int64_t y, float lse, float entropy, float g,
+                                         float h, float inv_tau, int tid) {
+  constexpr int VEC = Packet<T>::N;
+  if (g == 0.0f && h == 0.0f) {  // exact zeros, without reading the logits
+    const int64_t head = head_count<T>(out, V);
+    const int64_t nvec = (V - head) / VEC;
+    Packet<T>* body = reinterpret_cast<Packet<T>*>(out + head);
+    Packet<T> zero;
+    zero.raw = make_uint4(0u, 0u, 0u, 0u);
+    for (int64_t j = tid; j < head; j += GROUP) out[j] = T(0.0f);
+    for (int64_t i = tid; i < nvec; i += GROUP) body[i].raw = zero.raw;
+    for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) out[j] = T(0.0f);
+    return;
+  }
+  // y out of range (never after validation): no onehot, no OOB access
+  // packets need the logits and the gradient at the same offset from a 16-byte boundary (always
+  // true in place and for two allocations; otherwise the row goes element by element)
+  const uintptr_t xa = reinterpret_cast<uintptr_t>(x), oa = reinterpret_cast<uintptr_t>(out);
+  const int64_t head = ((xa ^ oa) & 15) == 0 ? head_count<T>(x, V) : V;
+  const int64_t nvec = (V - head) / VEC;
+  const Packet<T>* xb = reinterpret_cast<const Packet<T>*>(x + head);
+  Packet<T>* ob = reinterpret_cast<Packet<T>*>(out + head);
+
+  for (int64_t j = tid; j < head; j += GROUP) out[j] = grad_element(x[j], j == y, lse, entropy, g, h, inv_tau);
+  int64_t i = tid;
+  for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
+    Packet<T> p[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) p[k].raw = xb[i + k * GROUP].raw;
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k) {
+      grad_packet(p[k], head + (i + k * GROUP) * VEC, y, lse, entropy, g, h, inv_tau);
+      ob[i + k * GROUP].raw = p[k].raw;
+    }
+  }
+  for (; i < nvec; i += GROUP) {
+    Packet<T> p;
+    p.raw = xb[i].raw;
+    grad_packet(p, head + i * VEC, y, lse, entropy, g, h, inv_tau);
+    ob[i].raw = p.raw;
+  }
+  for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP)
+    out[j] = grad_element(x[j], j == y, lse, entropy, g, h, inv_tau);
+}
+
 template <typename T, int GROUP>
 __global__ void __launch_bounds__(kBlock) grad_kernel(const GradParams a) {
   static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
   constexpr int ROWS = kBlock / GROUP;
-  constexpr int VEC = Packet<T>::N;
   const int tid = threadIdx.x % GROUP;
   const int64_t V = a.V;
-  const float inv_tau = a.inv_tau;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
-    const T* x = static_cast<const T*>(a.logits) + row * V;
-    T* out = static_cast<T*>(a.out) + row * V;
-    const float g = a.g[row], h = a.h[row];
-    const uintptr_t xa = reinterpret_cast<uintptr_t>(x), oa = reinterpret_cast<uintptr_t>(out);
+    grad_row<T, GROUP>(static_cast<const T*>(a.logits) + row * V, static_cast<T*>(a.out) + row * V, V,
+                       a.targets[row], a.lse[row], a.entropy[row], a.g[row], a.h[row], a.inv_tau, tid);
+  }
+}
 
-    if (g == 0.0f && h == 0.0f) {  // exact zeros, without reading the logits
-      const int64_t head = head_count<T>(out, V);
-      const int64_t nvec = (V - head) / VEC;
-      Packet<T>* body = reinterpret_cast<Packet<T>*>(out + head);
-      Packet<T> zero;
-      zero.raw = make_uint4(0u, 0u, 0u, 0u);
-      for (int64_t j = tid; j < head; j += GROUP) out[j] = T(0.0f);
-      for (int64_t i = tid; i < nvec; i += GROUP) body[i].raw = zero.raw;
-      for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) out[j] = T(0.0f);
+struct FusedParams {
+  ForwardParams fwd;
+  void* out;                 // the gradient [N, V]; may be fwd.logits itself
+  const float* row_weights;  // w_t
+  float grad_scale;
+};
+
+// forward_kernel and grad_kernel in one launch: a group reduces its row, runs the epilogue (every
+// thread of the group, redundantly, so each has g and h), then makes a second pass over the same row
+// -- from L2 for most rows, the grid being sized so the rows in flight fit in it -- and writes its
+// gradient with grad_row: the same bits as the two kernels.
+template <typename T, int GROUP>
+__global__ void __launch_bounds__(kBlock) forward_grad_kernel(const FusedParams f) {
+  static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
+  constexpr int ROWS = kBlock / GROUP;
+  __shared__ SoftmaxStats smem[kBlock / kWarp];
+  const ForwardParams& a = f.fwd;
+  const int tid = threadIdx.x % GROUP;
+  const int64_t V = a.V;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
+  // uniform over a group, as in forward_kernel: every barrier is reached by the whole group
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
+    const T* x = static_cast<const T*>(a.logits) + row * V;
+    T* out = static_cast<T*>(f.out) + row * V;
+    if (!a.scored[row]) {
+      if (tid == 0) store_unscored_row(a, row);
+      grad_row<T, GROUP>(x, out, V, 0, 0.0f, 0.0f, 0.0f, 0.0f, a.inv_tau, tid);  // zeros
       continue;
     }
-    const int64_t y = a.targets[row];  // out of range (never after validation): no onehot, no OOB access
-    const float lse = a.lse[row], entropy = a.entropy[row];
-    // packets need the logits and the gradient at the same offset from a 16-byte boundary (always
-    // true in place and for two allocations; otherwise the row goes element by element)
-    const int64_t head = ((xa ^ oa) & 15) == 0 ? head_count<T>(x, V) : V;
-    const int64_t nvec = (V - head) / VEC;
-    const Packet<T>* xb = reinterpret_cast<const Packet<T>*>(x + head);
-    Packet<T>* ob = reinterpret_cast<Packet<T>*>(out + head);
-
-    for (int64_t j = tid; j < head; j += GROUP) out[j] = grad_element(x[j], j == y, lse, entropy, g, h, inv_tau);
-    int64_t i = tid;
-    for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
-      Packet<T> p[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) p[k].raw = xb[i + k * GROUP].raw;
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        grad_packet(p[k], head + (i + k * GROUP) * VEC, y, lse, entropy, g, h, inv_tau);
-        ob[i + k * GROUP].raw = p[k].raw;
-      }
+    const SoftmaxStats st = row_stats<T, GROUP>(x, V, a.inv_tau, tid, smem);
+    const RowResult r = forward_epilogue(a, row, x, st);  // reads x[y]
+    if (tid == 0) store_row(a, row, r);
+    // out may be the logits: every thread of the group has read the row (and x[y]) before any
+    // thread of it writes the gradient
+    if constexpr (GROUP > kWarp) {
+      __syncthreads();
+    } else {
+      __syncwarp();
     }
-    for (; i < nvec; i += GROUP) {
-      Packet<T> p;
-      p.raw = xb[i].raw;
-      grad_packet(p, head + i * VEC, y, lse, entropy, g, h, inv_tau);
-      ob[i].raw = p.raw;
-    }
-    for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP)
-      out[j] = grad_element(x[j], j == y, lse, entropy, g, h, inv_tau);
+    const GradFactors gh = weighted_grad_factors(f.row_weights[row], f.grad_scale, r.terms.dlogp,
+                                                 a.params.entropy_coef);
+    grad_row<T, GROUP>(x, out, V, a.targets[row], r.lse, r.entropy, gh.g, gh.h, a.inv_tau, tid);
   }
 }
 
@@ -269,7 +332,9 @@ __global__ void __launch_bounds__(kBlock) grad_kernel(const GradParams a) {
 // the kernels loop over the remaining rows. The occupancy query runs once per kernel and device.
 constexpr int kMaxDevices = 64;
 
-template <typename Kernel>
+// Tag: one type per kernel instance (ForwardTag<T, GROUP>, ...), so each kernel caches its own
+// occupancy (the kernels of one signature share a function pointer type).
+template <typename Tag, typename Kernel>
 int64_t grid_size(Kernel kernel, int64_t N, int rows_per_block) {
   static std::atomic<int> resident[kMaxDevices];  // 0: not queried yet
   int device = 0;
@@ -286,10 +351,31 @@ int64_t grid_size(Kernel kernel, int64_t N, int rows_per_block) {
   return std::max<int64_t>(1, std::min<int64_t>(needed, blocks));
 }
 
+// Blocks of the fused kernel: its second pass over a row only saves a DRAM read while the row is
+// still in L2, so the rows in flight are bounded by half the L2 (at least one block per SM, at most
+// what is resident): e.g. V = 151936 bf16 on an H100 (50 MB L2): 86 blocks by L2, so 132 (one per SM).
+// An untuned starting point, like the Triton backend's fused_programs.
+int64_t l2_bounded_blocks(int64_t blocks, int rows_per_block, int64_t row_bytes) {
+  int device = 0, l2 = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t l2_bytes = l2 > 0 ? l2 : (int64_t{40} << 20);
+  const int64_t fit = (l2_bytes / 2) / std::max<int64_t>(1, row_bytes * rows_per_block);
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, std::max<int64_t>(sms, fit)));
+}
+
+template <typename T, int GROUP>
+struct ForwardTag {};
+template <typename T, int GROUP>
+struct GradTag {};
+template <typename T, int GROUP>
+struct FusedTag {};
+
 template <typename T, int GROUP>
 void launch_forward(const ForwardParams& a) {
   auto kernel = forward_kernel<T, GROUP>;
-  const int64_t grid = grid_size(kernel, a.N, kBlock / GROUP);
+  const int64_t grid = grid_size<ForwardTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
   kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -297,8 +383,18 @@ void launch_forward(const ForwardParams& a) {
 template <typename T, int GROUP>
 void launch_grad(const GradParams& a) {
   auto kernel = grad_kernel<T, GROUP>;
-  const int64_t grid = grid_size(kernel, a.N, kBlock / GROUP);
+  const int64_t grid = grid_size<GradTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
   kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int GROUP>
+void launch_forward_grad(const FusedParams& f) {
+  auto kernel = forward_grad_kernel<T, GROUP>;
+  constexpr int rows = kBlock / GROUP;
+  const int64_t grid = l2_bounded_blocks(grid_size<FusedTag<T, GROUP>>(kernel, f.fwd.N, rows), rows,
+                                         f.fwd.V * static_cast<int64_t>(sizeof(T)));
+  kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -320,35 +416,73 @@ void grad_dtype(const GradParams& a) {
   }
 }
 
+template <typename T>
+void forward_grad_dtype(const FusedParams& f) {
+  if (f.fwd.V <= kSmallV) {
+    launch_forward_grad<T, kWarp>(f);
+  } else {
+    launch_forward_grad<T, kBlock>(f);
+  }
+}
+
 }  // namespace cuda
+
+namespace {
+
+cuda::ForwardParams forward_params(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
+                                   const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
+                                   const at::Tensor& advantages, const RowParams& params, float inv_tau,
+                                   bool need_entropy, ForwardOutputs& out) {
+  return cuda::ForwardParams{logits.const_data_ptr(),
+                             targets.const_data_ptr<int64_t>(),
+                             scored.const_data_ptr<bool>(),
+                             old_logprobs.const_data_ptr<float>(),
+                             ref_logprobs.defined() ? ref_logprobs.const_data_ptr<float>() : nullptr,
+                             advantages.const_data_ptr<float>(),
+                             logits.size(0),
+                             logits.size(1),
+                             inv_tau,
+                             need_entropy,
+                             params,
+                             out.logp.mutable_data_ptr<float>(),
+                             out.entropy.mutable_data_ptr<float>(),
+                             out.lse.mutable_data_ptr<float>(),
+                             out.loss.mutable_data_ptr<float>(),
+                             out.dlogp.mutable_data_ptr<float>(),
+                             out.kl.mutable_data_ptr<float>(),
+                             out.flags.mutable_data_ptr<uint8_t>()};
+}
+
+}  // namespace
 
 void forward_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
                        const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
                        const at::Tensor& advantages, const RowParams& params, float inv_tau,
                        bool need_entropy, ForwardOutputs& out) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const cuda::ForwardParams a{logits.const_data_ptr(),
-                              targets.const_data_ptr<int64_t>(),
-                              scored.const_data_ptr<bool>(),
-                              old_logprobs.const_data_ptr<float>(),
-                              ref_logprobs.defined() ? ref_logprobs.const_data_ptr<float>() : nullptr,
-                              advantages.const_data_ptr<float>(),
-                              logits.size(0),
-                              logits.size(1),
-                              inv_tau,
-                              need_entropy,
-                              params,
-                              out.logp.mutable_data_ptr<float>(),
-                              out.entropy.mutable_data_ptr<float>(),
-                              out.lse.mutable_data_ptr<float>(),
-                              out.loss.mutable_data_ptr<float>(),
-                              out.dlogp.mutable_data_ptr<float>(),
-                              out.kl.mutable_data_ptr<float>(),
-                              out.flags.mutable_data_ptr<uint8_t>()};
+  const cuda::ForwardParams a =
+      forward_params(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out);
   switch (logits.scalar_type()) {
     case at::kFloat: cuda::forward_dtype<float>(a); break;
     case at::kHalf: cuda::forward_dtype<c10::Half>(a); break;
     case at::kBFloat16: cuda::forward_dtype<c10::BFloat16>(a); break;
+    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
+  }
+}
+
+void forward_grad_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
+                            const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
+                            const at::Tensor& advantages, const RowParams& params, float inv_tau,
+                            bool need_entropy, const at::Tensor& row_weights, float grad_scale,
+                            ForwardOutputs& out, const at::Tensor& grad) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const cuda::FusedParams f{
+      forward_params(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out),
+      grad.data_ptr(), row_weights.const_data_ptr<float>(), grad_scale};
+  switch (logits.scalar_type()) {
+    case at::kFloat: cuda::forward_grad_dtype<float>(f); break;
+    case at::kHalf: cuda::forward_grad_dtype<c10::Half>(f); break;
+    case at::kBFloat16: cuda::forward_grad_dtype<c10::BFloat16>(f); break;
     default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
   }
 }

@@ -168,6 +168,39 @@ DK_HD RowTerms row_terms(float logp, float entropy, float old, float ref, float 
   return t;
 }
 
+// Everything the forward writes for one scored row, from the row's softmax statistics and its
+// target logit zy = x[y] / tau (the CPU and CUDA forward and fused kernels all end a row with this).
+struct RowResult {
+  float logp;
+  float entropy;  // 0 unless need_entropy
+  float lse;
+  RowTerms terms;
+};
+
+DK_HD RowResult row_epilogue(SoftmaxStats st, float zy, bool need_entropy, float old, float ref, float adv,
+                             const RowParams& p) {
+  RowResult r;
+  r.lse = softmax_lse(st);
+  r.logp = zy - r.lse;
+  r.entropy = need_entropy ? softmax_entropy(st) : 0.0f;
+  r.terms = row_terms(r.logp, r.entropy, old, ref, adv, p);
+  return r;
+}
+
+// The per-row factors g = dL/dlogp_t and h = dL/dH_t of the gradient of
+// grad_scale * sum_t w_t * l_t (the fused forward + gradient kernels): the values dispatch's
+// backward forms from the saved dl_t/dlogp_t, with d = grad_scale * w_t the upstream gradient of l_t,
+// so that the fused and the separate gradient are the same bits.
+struct GradFactors {
+  float g;
+  float h;
+};
+
+DK_HD GradFactors weighted_grad_factors(float weight, float grad_scale, float dlogp, float entropy_coef) {
+  const float d = grad_scale * weight;
+  return {d * dlogp, d * -entropy_coef};
+}
+
 // ---------------------------------------------------------------------------------------------
 // The logits gradient of one element: dL/dx_j = (g * (onehot_j - p_j) - h * p_j * (log p_j + H)) / tau
 // with log p_j = z_j - lse; written in the order torch_backend.grad_rows evaluates it. The
