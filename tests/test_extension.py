@@ -244,6 +244,148 @@ def test_kl_and_clip_variants_match_template(device):
                               float(logits.abs().max()) / p.temperature)
 
 
+# ---- the fused forward + gradient (forward_grad_rows) -----------------------------------------
+
+def ext_forward_grad(logits, r, weights, grad_scale, out, p=PARAMS, need_entropy=True):
+    return extension.forward_grad_rows(logits, r["targets"], r["scored"], r["old_logprobs"], r["ref_logprobs"],
+                                       r["advantages"], p, need_entropy, weights, grad_scale, out)
+
+
+def forward_then_grad(logits, r, weights, grad_scale, p=PARAMS, need_entropy=True):
+    """forward_rows, then grad_rows with the g and h dispatch's backward forms: the fused path's definition."""
+    rows = ext_forward(logits, r, p, need_entropy)
+    d = grad_scale * weights
+    out = torch.empty_like(logits)
+    extension.grad_rows(logits, r["targets"], rows[2], rows[1], d * rows[4], d * -p.entropy_coef, p.temperature, out)
+    return rows, out
+
+
+def fused_case(N, V, device, dtype, seed):
+    """Masked rows, -inf logits (never the target), weights with zeros on some scored rows."""
+    logits, r = row_inputs(N, V, device, seed=seed, dtype=dtype)
+    if V >= 7:
+        logits[:, 2::5] = float("-inf")
+        t = r["targets"]
+        r["targets"] = torch.where(t % 5 == 2, t - 1, t)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weights = (torch.rand(N, generator=gen) + 0.1).to(device) * r["scored"]
+    if N > 1:
+        weights[1] = 0.0  # whether row 1 is scored or not: an all-zero gradient row
+    return logits, r, weights
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("V", [1, 7, 1000, 4097, 32003])
+def test_forward_grad_rows_equals_forward_then_grad(device, dtype, V):
+    """The fused op: the forward's outputs and grad_rows' gradient, bit for bit, also in place."""
+    N = 11
+    logits, r, weights = fused_case(N, V, device, dtype, seed=V)
+    for grad_scale, p in ((1.0, PARAMS), (0.37, PARAMS), (2.5, PARAMS._replace(entropy_coef=-0.05, kl_type=1))):
+        want_rows, want_grad = forward_then_grad(logits, r, weights, grad_scale, p)
+        out = torch.full_like(logits, float("nan"))  # every element must be written
+        got_rows = ext_forward_grad(logits, r, weights, grad_scale, out, p)
+        assert all(torch.equal(a, b) for a, b in zip(got_rows, want_rows)), (grad_scale, p)
+        assert torch.equal(out, want_grad), (grad_scale, p)
+        inplace = logits.clone()
+        got_rows = ext_forward_grad(inplace, r, weights, grad_scale, inplace, p)  # out == logits
+        assert all(torch.equal(a, b) for a, b in zip(got_rows, want_rows))
+        assert torch.equal(inplace, want_grad)
+    zero_rows = (~r["scored"]) | (weights == 0)
+    assert not out[zero_rows].any() and torch.isfinite(out).all()
+    if V >= 7:
+        assert not out[:, 2::5].any()  # -inf logits: zero gradient, no NaN
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_grad_rows_without_entropy_or_kl(device):
+    logits, r, weights = fused_case(9, 777, device, torch.bfloat16, seed=21)
+    p = PARAMS._replace(entropy_coef=0.0, kl_type=0, kl_coef=0.0, dual_clip=0.0)
+    rr = dict(r, ref_logprobs=None)
+    want_rows, want_grad = forward_then_grad(logits, rr, weights, 1.0, p, need_entropy=False)
+    out = torch.empty_like(logits)
+    got_rows = ext_forward_grad(logits, rr, weights, 1.0, out, p, need_entropy=False)
+    assert all(torch.equal(a, b) for a, b in zip(got_rows, want_rows))
+    assert torch.equal(out, want_grad)
+    assert not got_rows[1].any()  # no entropy asked for
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_grad_rows_nothing_scored_and_empty(device):
+    logits, r, weights = fused_case(5, 300, device, torch.float32, seed=22)
+    r["scored"] = torch.zeros_like(r["scored"])
+    out = torch.full_like(logits, 7.0)
+    rows = ext_forward_grad(logits, r, weights, 1.0, out)
+    assert not out.any() and all(not t.any() for t in rows)
+    logits, r, weights = fused_case(0, 300, device, torch.float32, seed=23)
+    rows = ext_forward_grad(logits, r, weights, 1.0, torch.empty_like(logits))
+    assert all(t.numel() == 0 for t in rows)
+
+
+def test_forward_grad_rows_independent_of_thread_count():
+    logits, r, weights = fused_case(64, 2000, "cpu", torch.bfloat16, seed=24)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            out = torch.empty_like(logits)
+            outs.append((ext_forward_grad(logits, r, weights, 1.0, out), out))
+    finally:
+        torch.set_num_threads(threads)
+    (rows1, g1), (rows2, g2) = outs
+    assert torch.equal(g1, g2) and all(torch.equal(a, b) for a, b in zip(rows1, rows2))
+
+
+def _fused_args(N=4, V=10):
+    return _forward_args(N, V) + [torch.ones(N), 1.0, torch.empty(N, V)]
+
+
+@pytest.mark.parametrize("index, bad, error, match", [
+    (14, lambda a: torch.ones(4, dtype=torch.float64), TypeError, "row_weights: expected dtype Float"),
+    (14, lambda a: torch.ones(5), ValueError, r"row_weights: expected shape \[N\]"),
+    (16, lambda a: torch.empty(4, 11), ValueError, "out: expected shape"),
+    (16, lambda a: torch.empty(4, 10, dtype=torch.float16), TypeError, "out: expected dtype"),
+    (16, lambda a: torch.empty(10, 4).t(), ValueError, "out: expected a contiguous"),
+    (15, lambda a: "x", (TypeError, RuntimeError), "grad_scale"),
+])
+def test_forward_grad_op_rejects_bad_arguments(index, bad, error, match):
+    args = _fused_args()
+    args[index] = bad(args)
+    with pytest.raises(error, match=match):
+        ops().forward_grad_rows(*args)
+
+
+def test_forward_grad_out_partially_overlapping_logits_is_rejected():
+    args = _fused_args()
+    base = torch.randn(50)
+    args[0], args[16] = base[:40].view(4, 10), base[5:45].view(4, 10)
+    with pytest.raises(ValueError, match="out: must be the logits themselves or not overlap them"):
+        ops().forward_grad_rows(*args)
+
+
+def test_forward_grad_op_meta_and_opcheck():
+    args = _fused_args()
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    out = ops().forward_grad_rows(*meta)
+    assert [t.shape for t in out] == [(4,)] * 7
+    assert [t.dtype for t in out] == [torch.float32] * 6 + [torch.uint8]
+    torch.library.opcheck(ops().forward_grad_rows.default, tuple(args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("N, V, dtype", [(300_000, 64, torch.float32), (700, 151936, torch.bfloat16)])
+def test_cuda_forward_grad_rows_grid(N, V, dtype):
+    """More rows than the (L2-bounded) fused grid has groups, warp-per-row and block-per-row."""
+    logits, r, weights = fused_case(N, V, "cuda", dtype, seed=25)
+    want_rows, want_grad = forward_then_grad(logits, r, weights, 0.5)
+    out = torch.empty_like(logits)
+    got_rows = ext_forward_grad(logits, r, weights, 0.5, out)
+    assert all(torch.equal(a, b) for a, b in zip(got_rows, want_rows))
+    assert torch.equal(out, want_grad)
+
+
 # ---- the ops' own argument checks (they run before any kernel) --------------------------------
 
 def _forward_args(N=4, V=10, device="cpu"):
