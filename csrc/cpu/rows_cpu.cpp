@@ -7,7 +7,9 @@
 // x86-64 baseline SSE2, picked at load time for the running CPU (target_clones). The exponential is
 // a branch-free polynomial on those vectors; bfloat16/float16 loads and stores are vectorised too.
 // The softmax statistics are online per chunk (one pass over the row) and rescaled with the shared
-// row_math.h functions; nothing [N, V]-sized is allocated. Needs GCC or Clang (vector extensions).
+// row_math.h functions; nothing [N, V]-sized is allocated. The fused forward + gradient runs both
+// per-row functions back to back on one thread, so the gradient pass re-reads a row that is still in
+// that core's cache. Needs GCC or Clang (vector extensions).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
