@@ -129,8 +129,20 @@ __device__ __forceinline__ SoftmaxStats group_reduce(SoftmaxStats st, SoftmaxSta
   return st;
 }
 
+// A 16-byte packet of the logits: through the read-only (non-coherent) data path when the kernel
+// never writes them (READ_ONLY), else a plain load (the fused kernel may write the gradient into the
+// logits' own storage).
+template <bool READ_ONLY>
+__device__ __forceinline__ uint4 load_packet(const uint4* p) {
+  if constexpr (READ_ONLY) {
+    return __ldg(p);
+  } else {
+    return *p;
+  }
+}
+
 // The softmax statistics of one row x, reduced over the group; every thread of the group gets them.
-template <typename T, int GROUP>
+template <typename T, int GROUP, bool READ_ONLY>
 __device__ __forceinline__ SoftmaxStats row_stats(const T* x, int64_t V, float inv_tau, int tid, SoftmaxStats* smem) {
   constexpr int VEC = Packet<T>::N;
   const int64_t head = head_count<T>(x, V);
@@ -143,13 +155,13 @@ __device__ __forceinline__ SoftmaxStats row_stats(const T* x, int64_t V, float i
   for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
     Packet<T> p[kUnroll];
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) p[k].raw = __ldg(&body[i + k * GROUP].raw);
+    for (int k = 0; k < kUnroll; ++k) p[k].raw = load_packet<READ_ONLY>(&body[i + k * GROUP].raw);
 #pragma unroll
     for (int k = 0; k < kUnroll; ++k) push_packet(st, p[k], inv_tau);
   }
   for (; i < nvec; i += GROUP) {
     Packet<T> p;
-    p.raw = __ldg(&body[i].raw);
+    p.raw = load_packet<READ_ONLY>(&body[i].raw);
     push_packet(st, p, inv_tau);
   }
   for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
@@ -199,7 +211,7 @@ __global__ void __launch_bounds__(kBlock) forward_kernel(const ForwardParams a) 
       continue;
     }
     const T* x = static_cast<const T*>(a.logits) + row * a.V;
-    const SoftmaxStats st = row_stats<T, GROUP>(x, a.V, a.inv_tau, tid, smem);
+    const SoftmaxStats st = row_stats<T, GROUP, true>(x, a.V, a.inv_tau, tid, smem);
     if (tid == 0) store_row(a, row, forward_epilogue(a, row, x, st));
   }
 }
@@ -312,7 +324,7 @@ __global__ void __launch_bounds__(kBlock) forward_grad_kernel(const FusedParams 
       grad_row<T, GROUP>(x, out, V, 0, 0.0f, 0.0f, 0.0f, 0.0f, a.inv_tau, tid);  // zeros
       continue;
     }
-    const SoftmaxStats st = row_stats<T, GROUP>(x, V, a.inv_tau, tid, smem);
+    const SoftmaxStats st = row_stats<T, GROUP, false>(x, V, a.inv_tau, tid, smem);
     const RowResult r = forward_epilogue(a, row, x, st);  // reads x[y]
     if (tid == 0) store_row(a, row, r);
     // out may be the logits: every thread of the group has read the row (and x[y]) before any
