@@ -152,6 +152,7 @@ def _setup_context(ctx, inputs, output):
     backend, logits, targets = inputs[0], inputs[1], inputs[2]
     logp, entropy, lse, loss, dlogp, kl, flags = output
     ctx.mark_non_differentiable(logp, entropy, lse, dlogp, kl, flags)
+    ctx.set_materialize_grads(False)  # only the loss terms' gradient is used
     ctx.save_for_backward(logits, targets, lse, entropy, dlogp)
     ctx.backend = backend
     ctx.entropy_coef = inputs[12]
@@ -162,7 +163,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, d_logp, d_entropy, d_lse, d_loss, d_dlogp, d_kl, d_flags):
     logits, targets, lse, entropy, dlogp = ctx.saved_tensors
     if d_loss is None:
-        d_loss = torch.zeros_like(dlogp)
+        return (None,) * 16
     g = d_loss * dlogp
     h = d_loss * -ctx.entropy_coef
     if ctx.inplace:  # the gradient overwrites the logits' own storage: no [N, V] allocation
@@ -203,10 +204,13 @@ def _(backend, logits, targets, scored, old_logprobs, ref_logprobs, advantages, 
 def _fused_setup_context(ctx, inputs, output):
     loss, logp, entropy, kl, flags, grad = output
     ctx.mark_non_differentiable(logp, entropy, kl, flags, grad)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero [N, V] "gradient" for the grad output
     ctx.save_for_backward(grad)
 
 
 def _fused_backward(ctx, d_loss, *_):
+    if d_loss is None:
+        return (None,) * 16
     (grad,) = ctx.saved_tensors
     # loss.backward() seeds 1: the gradient is already final. Checking costs one scalar sync in eager
     # mode; a compiled graph cannot branch on the value and always scales.

@@ -5,6 +5,8 @@ skips with the reason dispatch gives (e.g. no CUDA device, extension not built).
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import deltal_kernels as dk
 from deltal_kernels.dispatch import unavailable_reason
@@ -167,3 +169,34 @@ def test_torch_compile_fullgraph(backend):
     # the compiled graph may sum the [N] loss terms in another order: equal to float32 rounding
     torch.testing.assert_close(loss, loss_fn(batch["logits"]))
     torch.testing.assert_close(compiled.grad, eager.grad)
+
+
+class LargeStorages(TorchDispatchMode):
+    """Records the storages of every tensor of at least ``numel`` elements an op returns."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.storages = numel, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() >= self.numel:
+                self.storages.add(t.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["new-gradient", "inplace"])
+def test_no_nv_tensor_besides_the_gradient(backend, inplace):
+    """SPEC section 4: forward + backward allocate no [N, V] tensor but the gradient (none in place)."""
+    device = backend_device(backend)
+    batch = make_batch(LENGTHS, 1000, device=device, seed=13)
+    logits = batch["logits"].clone().requires_grad_(True) * 1.0  # an intermediate, as in a trainer
+    rest = {k: v for k, v in batch.items() if k != "logits"}
+    with LargeStorages(logits.numel()) as seen:
+        out = dk.policy_loss(logits, **rest, backend=backend, max_len=16, entropy_coef=0.01, kl_coef=0.1,
+                             with_entropy=True, inplace_backward=inplace)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+    new = seen.storages - {logits.untyped_storage().data_ptr()}
+    assert new == (set() if inplace else {grad.untyped_storage().data_ptr()})
