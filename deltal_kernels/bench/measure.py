@@ -105,7 +105,7 @@ class Timing:
         return Timing(*(statistics.median(getattr(t, f) for t in samples) for f in ("fwd_ms", "bwd_ms", "fwdbwd_ms")))
 
 
-def _leaf(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
+def leaf(logits: torch.Tensor, inplace: bool) -> torch.Tensor:
     # inplace_backward overwrites the logits, so each call gets its own copy (made before timing)
     return (logits.clone() if inplace else logits.detach()).requires_grad_(True)
 
@@ -124,14 +124,14 @@ def _ms(device: torch.device, a, b) -> float:
 
 def fwd_bwd(fn, logits, batch, inplace: bool) -> None:
     """One untimed forward+backward (a warm-up)."""
-    x = _leaf(logits, inplace)
+    x = leaf(logits, inplace)
     torch.autograd.grad(fn(x, batch), x)
 
 
 def time_fwd_bwd(fn, logits, batch, inplace: bool) -> Timing:
     """Forward, backward and forward+backward milliseconds of one call of ``fn`` and its gradient."""
     device = logits.device
-    x = _leaf(logits, inplace)
+    x = leaf(logits, inplace)
     sync(device)
     t0 = _stamp(device)
     loss = fn(x, batch)
@@ -163,7 +163,7 @@ def _cpu_peak_bytes(run) -> int:
 def memory_run(fn, logits, batch, *, inplace: bool) -> Tuple[int, float]:
     """One forward+backward: (its peak memory beyond the inputs and the gradient in bytes, the loss)."""
     device = logits.device
-    x = _leaf(logits, inplace)
+    x = leaf(logits, inplace)
     grad_bytes = 0 if inplace else x.numel() * x.element_size()
     losses = []
 
