@@ -102,7 +102,7 @@ def run_case(case, impls, logits, batch, *, reps, copy_bw, peak_bw, step):
             fns[impl.name], samples[impl.name] = fn, []
         except Exception as e:  # one implementation failing must not cost the others their run
             rows[impl.name]["error"] = _error(e)
-        _free(logits.device)
+            _free(logits.device)
     for rep in range(reps):
         for impl in impls:
             step(f"{case.label}: timing, round {rep + 1} of {reps}")
@@ -113,7 +113,7 @@ def run_case(case, impls, logits, batch, *, reps, copy_bw, peak_bw, step):
             except Exception as e:
                 rows[impl.name]["error"] = _error(e)
                 del fns[impl.name]
-            _free(logits.device)
+                _free(logits.device)
     floor_bw = peak_bw or copy_bw
     for name in fns:
         t = measure.Timing.median(samples[name])
@@ -133,6 +133,7 @@ def run_case(case, impls, logits, batch, *, reps, copy_bw, peak_bw, step):
 
 
 def _free(device):
+    # after a failure and between cases only: between calls the CUDA caching allocator stays warm, as in training
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
