@@ -34,7 +34,7 @@ def rollout(case):
 def test_fwd_bwd(benchmark, case, rollout, impl):
     logits, batch = rollout
     fn = impl.make()
-    nbytes = measure.bytes_moved(case.N, batch.scored_rows, case.V, logits.element_size())
+    nbytes = measure.bytes_moved(case.N, batch.scored_rows, case.V, logits.element_size(), impl.fused)
 
     def setup():  # the leaf (a copy of the logits in place) is made outside the timed call
         return (measure.leaf(logits, impl.inplace),), {}

@@ -11,6 +11,7 @@ import torch
 import deltal_kernels as dk
 from deltal_kernels.bench import baselines, measure
 from deltal_kernels.bench.cases import LOSS_OPTIONS, Batch, Case, make_batch
+from deltal_kernels.dispatch import has_fused_gradient
 
 CASE = Case(512, 64, "fp32")
 
@@ -121,16 +122,22 @@ def test_implementations_cover_every_backend():
     backends = dk.available_backends("cpu")
     assert names[:len(backends) + 1] == [backends[0], f"{backends[0]} inplace"] + backends[1:]
     assert {"eager", "compile", "chunked"} <= set(names)
+    # a backend's schedule is the one policy_loss takes: fused when it can, never in place
+    for impl in impls:
+        assert impl.fused == (impl.kind == "backend" and not impl.inplace and has_fused_gradient(impl.name))
     assert "liger" in skipped and "liger" not in names  # CUDA only
 
 
 def test_bytes_formula_matches_spec():
     """SPEC section 4: T=16384, V=151936 bf16 on an H100 at 3.35 TB/s: 2.97 ms for one read and one
     write, 4.46 ms for a forward read, a backward read and a gradient write."""
-    b = measure.bytes_moved(16384, 16384, 151936, 2)
-    assert b["floor"] / 3.35e12 * 1e3 == pytest.approx(2.97, abs=0.005)
-    assert b["fwdbwd"] / 3.35e12 * 1e3 == pytest.approx(4.46, abs=0.005)
-    assert b["fwd"] + b["bwd"] == b["fwdbwd"]
+    two_pass = measure.bytes_moved(16384, 16384, 151936, 2, fused=False)
+    fused = measure.bytes_moved(16384, 16384, 151936, 2, fused=True)
+    assert two_pass["floor"] / 3.35e12 * 1e3 == pytest.approx(2.97, abs=0.005)
+    assert two_pass["fwdbwd"] / 3.35e12 * 1e3 == pytest.approx(4.46, abs=0.005)
+    assert fused["fwdbwd"] == fused["floor"] == two_pass["floor"]
+    for b in (two_pass, fused):
+        assert b["fwd"] + b["bwd"] == b["fwdbwd"]
 
 
 def test_peak_memory_counts_temporaries():

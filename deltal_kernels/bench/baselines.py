@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 import deltal_kernels as dk
+from deltal_kernels.dispatch import has_fused_gradient
 from deltal_kernels.torch_backend import row_terms
 from deltal_kernels.validation import compute_dtype, prepare
 
@@ -40,6 +41,7 @@ class Impl:
     make: Callable[[], LossFn]  # called once per case, so compiled baselines start afresh
     inplace: bool = False  # the gradient overwrites the logits (each timed call gets a fresh copy)
     compiles: bool = False  # its first call compiles: on the CPU it gets one warm-up call before measuring
+    fused: bool = False  # its forward writes the gradient (one pass over the logits), else two passes
 
 
 def backend_loss(backend: str, inplace: bool = False) -> LossFn:
@@ -128,10 +130,11 @@ def implementations(device) -> Tuple[List[Impl], Dict[str, str]]:
 
     The package's backends are whatever ``dk.available_backends`` lists; the first (the one
     backend="auto" picks) also runs with ``inplace_backward=True``, the mode with no [N, V]
-    allocation at all.
+    allocation at all. A backend with a fused gradient uses it unless in place (``policy_loss``).
     """
     names = dk.available_backends(device)
-    impls = [Impl(name, "backend", lambda name=name: backend_loss(name)) for name in names]
+    impls = [Impl(name, "backend", lambda name=name: backend_loss(name), fused=has_fused_gradient(name))
+             for name in names]
     if names:
         impls.insert(1, Impl(f"{names[0]} inplace", "backend", lambda: backend_loss(names[0], True), inplace=True))
     impls += [Impl("eager", "baseline", lambda: eager_loss),

@@ -84,13 +84,13 @@ def run_case(case, impls, logits, batch, *, reps, copy_bw, peak_bw, step):
     shared machine falls on all of them alike. ``step(text)`` reports progress.
     """
     N, V, R = case.N, case.V, batch.scored_rows
-    nbytes = measure.bytes_moved(N, R, V, logits.element_size())
     rows, fns, samples = {}, {}, {}
     for impl in impls:
         step(f"{case.label}: {impl.name} (warm-up, memory)")
         rows[impl.name] = dict(case=case.label, N=N, V=V, dtype=case.dtype, S=batch.cu_seqlens.numel() - 1,
-                               scored_rows=R, impl=impl.name, kind=impl.kind, inplace=impl.inplace, bytes=nbytes,
-                               error=None)
+                               scored_rows=R, impl=impl.name, kind=impl.kind, inplace=impl.inplace,
+                               schedule="fused" if impl.fused else "2-pass",
+                               bytes=measure.bytes_moved(N, R, V, logits.element_size(), impl.fused), error=None)
         try:
             fn = impl.make()
             # GPU: Triton JIT and autotuning on the first calls; CPU: only torch.compile needs one,
@@ -117,10 +117,12 @@ def run_case(case, impls, logits, batch, *, reps, copy_bw, peak_bw, step):
     floor_bw = peak_bw or copy_bw
     for name in fns:
         t = measure.Timing.median(samples[name])
+        nbytes = rows[name]["bytes"]
         rows[name].update(
             fwd_ms=t.fwd_ms, bwd_ms=t.bwd_ms, fwdbwd_ms=t.fwdbwd_ms,
             tokens_per_s=N / (t.fwdbwd_ms / 1e3),
-            fwd_GBps=nbytes["fwd"] / t.fwd_ms / 1e6, bwd_GBps=nbytes["bwd"] / t.bwd_ms / 1e6,
+            fwd_GBps=nbytes["fwd"] / t.fwd_ms / 1e6,
+            bwd_GBps=nbytes["bwd"] / t.bwd_ms / 1e6 if nbytes["bwd"] else None,  # fused: no [N, V] traffic
             fwdbwd_GBps=nbytes["fwdbwd"] / t.fwdbwd_ms / 1e6,
             fwdbwd_frac_copy=nbytes["fwdbwd"] / (t.fwdbwd_ms / 1e3) / copy_bw,
             fwdbwd_frac_peak=None if peak_bw is None else nbytes["fwdbwd"] / (t.fwdbwd_ms / 1e3) / peak_bw,

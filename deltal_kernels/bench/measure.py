@@ -81,14 +81,17 @@ def copy_bandwidth(device: torch.device, reps: int = 5) -> float:
 
 # ---- bytes each schedule must move (R scored rows read, all N gradient rows written) ----
 
-def bytes_moved(N: int, R: int, V: int, elem: int) -> dict:
-    """The logits traffic of each schedule; the [N]-sized row inputs (about 30 bytes a row) are left out.
+def bytes_moved(N: int, R: int, V: int, elem: int, fused: bool) -> dict:
+    """The logits traffic of a schedule; the [N]-sized row inputs (about 30 bytes a row) are left out.
 
-    forward: one read of the scored rows, R*V*e. backward: one more read and one write of the whole
-    gradient, R*V*e + N*V*e. forward+backward: 2*R*V*e + N*V*e. The floor of any schedule is one
-    read and one write, R*V*e + N*V*e (a backward fused into the forward).
+    Two passes (autograd's schedule): the forward reads the scored rows, R*V*e; the backward reads
+    them again and writes the whole gradient, R*V*e + N*V*e; together 2*R*V*e + N*V*e. Fused (the
+    gradient written by the forward launch): the forward moves R*V*e + N*V*e, the backward nothing
+    [N, V]-sized. The floor of any schedule is that one read and one write, R*V*e + N*V*e.
     """
     read, write = R * V * elem, N * V * elem
+    if fused:
+        return {"fwd": read + write, "bwd": 0, "fwdbwd": read + write, "floor": read + write}
     return {"fwd": read, "bwd": read + write, "fwdbwd": 2 * read + write, "floor": read + write}
 
 

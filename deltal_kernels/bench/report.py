@@ -26,23 +26,23 @@ def _si(x):
 def case_table(case, rows: List[dict], meta: dict) -> Table:
     """One case, every implementation side by side."""
     gpu = meta["peak_GBps"] is not None
-    b = rows[0]["bytes"]
-    title = (f"{case.label}  ({rows[0]['S']} sequences, {rows[0]['scored_rows']} scored rows; "
-             f"fwd+bwd moves {b['fwdbwd'] / 1e9:.3f} GB, 2-pass floor {b['floor'] / 1e9:.3f} GB)")
+    two_pass = next((r["bytes"] for r in rows if r["schedule"] == "2-pass"), rows[0]["bytes"])
+    title = (f"{case.label}  ({rows[0]['S']} sequences, {rows[0]['scored_rows']} scored rows; fwd+bwd moves "
+             f"{two_pass['fwdbwd'] / 1e9:.3f} GB in 2 passes, {two_pass['floor'] / 1e9:.3f} GB fused = the floor)")
     caption = "bold: this package's backends. loss: the value each computed, the same for all"
     if any(r["impl"] == "liger" for r in rows):
         caption += " but liger (it takes the batch's mean advantage)"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
-    columns = ["impl", "fwd ms", "bwd ms", "fwd+bwd ms", "tokens/s", "GB/s", "% copy BW"]
+    columns = ["impl", "schedule", "fwd ms", "bwd ms", "fwd+bwd ms", "tokens/s", "GB/s", "% copy BW"]
     columns += ["% peak BW"] if gpu else []
     columns += ["x floor", "extra peak MB", "vs eager", "loss"]
     for i, name in enumerate(columns):
         table.add_column(name, justify="left" if i == 0 else "right")
     for r in rows:
         if r["error"]:
-            table.add_row(r["impl"], f"[red]{r['error']}[/red]", *[""] * (len(columns) - 2))
+            table.add_row(r["impl"], r["schedule"], f"[red]{r['error']}[/red]", *[""] * (len(columns) - 3))
             continue
-        cells = [r["impl"], _num(r["fwd_ms"], ".2f"), _num(r["bwd_ms"], ".2f"), _num(r["fwdbwd_ms"], ".2f"),
+        cells = [r["impl"], r["schedule"], _num(r["fwd_ms"], ".2f"), _num(r["bwd_ms"], ".2f"), _num(r["fwdbwd_ms"], ".2f"),
                  _si(r["tokens_per_s"]), _num(r["fwdbwd_GBps"], ".1f"),
                  _num(100 * r["fwdbwd_frac_copy"], ".0f")]
         cells += [_num(100 * r["fwdbwd_frac_peak"], ".0f")] if gpu else []
@@ -65,7 +65,7 @@ def targets_table(targets: List[Target]) -> Table:
 
 # ---- files ----
 
-CSV_FIELDS = ["case", "N", "V", "dtype", "S", "scored_rows", "impl", "kind", "inplace", "fwd_ms", "bwd_ms",
+CSV_FIELDS = ["case", "N", "V", "dtype", "S", "scored_rows", "impl", "kind", "inplace", "schedule", "fwd_ms", "bwd_ms",
               "fwdbwd_ms", "tokens_per_s", "fwd_GBps", "bwd_GBps", "fwdbwd_GBps", "fwdbwd_frac_copy",
               "fwdbwd_frac_peak", "fwdbwd_x_floor", "extra_peak_MB", "speedup_vs_eager", "loss", "error"]
 CSV_META = ["date", "device", "device_name", "torch", "deltal_kernels", "copy_GBps", "peak_GBps"]
@@ -81,14 +81,14 @@ def markdown(meta: dict, results: List[dict], targets: List[Target]) -> str:
     for case in dict.fromkeys(r["case"] for r in results):
         rows = [r for r in results if r["case"] == case]
         lines += [f"**{case}** ({rows[0]['scored_rows']} of {rows[0]['N']} rows scored)", "",
-                  "| impl | fwd ms | bwd ms | fwd+bwd ms | tokens/s | GB/s | % copy BW | extra peak MB | vs eager |",
-                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                  "| impl | schedule | fwd ms | bwd ms | fwd+bwd ms | tokens/s | GB/s | % copy BW | extra peak MB "
+                  "| vs eager |", "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in rows:
             if r["error"]:
-                lines.append(f"| {r['impl']} | {r['error']} |" + " |" * 7)
+                lines.append(f"| {r['impl']} | {r['schedule']} | {r['error']} |" + " |" * 7)
                 continue
             speedup = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
-            lines.append(f"| {r['impl']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
+            lines.append(f"| {r['impl']} | {r['schedule']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
                          f"{_si(r['tokens_per_s'])} | {r['fwdbwd_GBps']:.2f} | {100 * r['fwdbwd_frac_copy']:.0f} | "
                          f"{r['extra_peak_MB']:.1f} | {speedup} |")
         lines.append("")
