@@ -1,4 +1,4 @@
-"""The benchmark's output: rich tables on the terminal, CSV + JSON + a PNG plot under the results folder."""
+"""The benchmark's output: rich tables on the terminal; JSON, CSV, a PNG plot and markdown tables on disk."""
 from __future__ import annotations
 
 import csv
@@ -42,12 +42,11 @@ def case_table(case, rows: List[dict], meta: dict) -> Table:
         if r["error"]:
             table.add_row(r["impl"], r["schedule"], f"[red]{r['error']}[/red]", *[""] * (len(columns) - 3))
             continue
-        cells = [r["impl"], r["schedule"], _num(r["fwd_ms"], ".2f"), _num(r["bwd_ms"], ".2f"), _num(r["fwdbwd_ms"], ".2f"),
-                 _si(r["tokens_per_s"]), _num(r["fwdbwd_GBps"], ".1f"),
-                 _num(100 * r["fwdbwd_frac_copy"], ".0f")]
-        cells += [_num(100 * r["fwdbwd_frac_peak"], ".0f")] if gpu else []
+        cells = [r["impl"], r["schedule"], f"{r['fwd_ms']:.2f}", f"{r['bwd_ms']:.2f}", f"{r['fwdbwd_ms']:.2f}",
+                 _si(r["tokens_per_s"]), f"{r['fwdbwd_GBps']:.1f}", f"{100 * r['fwdbwd_frac_copy']:.0f}"]
+        cells += [f"{100 * r['fwdbwd_frac_peak']:.0f}"] if gpu else []
         speedup = r["speedup_vs_eager"]
-        cells += [_num(r["fwdbwd_x_floor"], ".2f"), _num(r["extra_peak_MB"], ".1f"),
+        cells += [f"{r['fwdbwd_x_floor']:.2f}", f"{r['extra_peak_MB']:.1f}",
                   "-" if speedup is None else f"{speedup:.2f}x", f"{r['loss']:.6g}"]
         table.add_row(*cells, style="bold" if r["kind"] == "backend" else None)
     return table
@@ -88,8 +87,8 @@ def markdown(meta: dict, results: List[dict], targets: List[Target]) -> str:
                 lines.append(f"| {r['impl']} | {r['schedule']} | {r['error']} |" + " |" * 7)
                 continue
             speedup = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
-            lines.append(f"| {r['impl']} | {r['schedule']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | {r['fwdbwd_ms']:.2f} | "
-                         f"{_si(r['tokens_per_s'])} | {r['fwdbwd_GBps']:.2f} | {100 * r['fwdbwd_frac_copy']:.0f} | "
+            lines.append(f"| {r['impl']} | {r['schedule']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "
+                         f"{r['fwdbwd_ms']:.2f} | {_si(r['tokens_per_s'])} | {r['fwdbwd_GBps']:.2f} | {100 * r['fwdbwd_frac_copy']:.0f} | "
                          f"{r['extra_peak_MB']:.1f} | {speedup} |")
         lines.append("")
     lines += ["| backend | target | need | got | status |", "|---|---|--:|--:|---|"]
