@@ -23,6 +23,7 @@
 
 #include "deltal_kernels/kernels.h"
 #include "deltal_kernels/row_math.h"
+#include "deltal_kernels/row_pointers.h"
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(DK_NO_TARGET_CLONES) && \
     (!defined(__clang__) || __clang_major__ >= 14)
@@ -220,53 +221,21 @@ DK_CPU_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float inv_tau) {
   return st;
 }
 
-struct ForwardArgs {
-  const void* logits;
-  const int64_t* targets;
-  const bool* scored;
-  const float* old_logprobs;
-  const float* ref_logprobs;  // nullptr: no KL term
-  const float* advantages;
-  int64_t V;
-  float inv_tau;
-  bool need_entropy;
-  RowParams params;
-  float* logp;
-  float* entropy;
-  float* lse;
-  float* loss;
-  float* dlogp;
-  float* kl;
-  uint8_t* flags;
-};
-
-// unscored rows do no V work: zeros in every [N] output
-DK_CPU_INLINE void store_unscored_row(const ForwardArgs& a, int64_t row) {
-  a.logp[row] = a.entropy[row] = a.lse[row] = a.loss[row] = a.dlogp[row] = a.kl[row] = 0.0f;
-  a.flags[row] = 0;
-}
-
 // One scored row x = logits[row]: one pass over V, the epilogue, the [N] outputs written.
+// (An out-of-range target throws here, before the row is read; the CUDA kernels, which cannot throw,
+// give NaN instead.)
 template <typename T>
-DK_CPU_INLINE RowResult forward_row(const ForwardArgs& a, int64_t row, const T* x) {
+DK_CPU_INLINE RowResult forward_row(const ForwardPointers& a, int64_t row, const T* x) {
   const int64_t y = a.targets[row];
   TORCH_CHECK_INDEX(y >= 0 && y < a.V, "targets: row ", row, " has target ", y, ", outside [0, V=", a.V, ")");
   const SoftmaxStats st = row_stats(x, a.V, a.inv_tau);
-  const float zy = static_cast<float>(x[y]) * a.inv_tau;
-  const float ref = a.ref_logprobs ? a.ref_logprobs[row] : 0.0f;
-  const RowResult r = row_epilogue(st, zy, a.need_entropy, a.old_logprobs[row], ref, a.advantages[row], a.params);
-  a.logp[row] = r.logp;
-  a.entropy[row] = r.entropy;
-  a.lse[row] = r.lse;
-  a.loss[row] = r.terms.loss;
-  a.dlogp[row] = r.terms.dlogp;
-  a.kl[row] = r.terms.kl;
-  a.flags[row] = r.terms.flags;
+  const RowResult r = forward_row_result(a, row, st, static_cast<float>(x[y]) * a.inv_tau);
+  store_row(a, row, r);
   return r;
 }
 
 template <typename T>
-DK_CPU_INLINE void forward_range(const ForwardArgs& a, int64_t begin, int64_t end) {
+DK_CPU_INLINE void forward_range(const ForwardPointers& a, int64_t begin, int64_t end) {
   const T* logits = static_cast<const T*>(a.logits);
   for (int64_t row = begin; row < end; ++row) {
     if (a.scored[row]) {
@@ -277,25 +246,13 @@ DK_CPU_INLINE void forward_range(const ForwardArgs& a, int64_t begin, int64_t en
   }
 }
 
-DK_CPU_CLONES void forward_range_f32(const ForwardArgs& a, int64_t b, int64_t e) { forward_range<float>(a, b, e); }
-DK_CPU_CLONES void forward_range_f16(const ForwardArgs& a, int64_t b, int64_t e) {
+DK_CPU_CLONES void forward_range_f32(const ForwardPointers& a, int64_t b, int64_t e) { forward_range<float>(a, b, e); }
+DK_CPU_CLONES void forward_range_f16(const ForwardPointers& a, int64_t b, int64_t e) {
   forward_range<c10::Half>(a, b, e);
 }
-DK_CPU_CLONES void forward_range_bf16(const ForwardArgs& a, int64_t b, int64_t e) {
+DK_CPU_CLONES void forward_range_bf16(const ForwardPointers& a, int64_t b, int64_t e) {
   forward_range<c10::BFloat16>(a, b, e);
 }
-
-struct GradArgs {
-  const void* logits;
-  void* out;  // may equal logits
-  const int64_t* targets;
-  const float* lse;
-  const float* entropy;
-  const float* g;
-  const float* h;
-  int64_t V;
-  float inv_tau;
-};
 
 // One row of the gradient into out (may be x itself: every chunk is read before it is written).
 // buf: a CHUNK-float scratch buffer.
@@ -326,7 +283,7 @@ DK_CPU_INLINE void grad_row(const T* x, T* out, int64_t V, int64_t row, int64_t 
 }
 
 template <typename T>
-DK_CPU_INLINE void grad_range(const GradArgs& a, int64_t begin, int64_t end) {
+DK_CPU_INLINE void grad_range(const GradPointers& a, int64_t begin, int64_t end) {
   alignas(64) float buf[CHUNK];
   for (int64_t row = begin; row < end; ++row) {
     grad_row(static_cast<const T*>(a.logits) + row * a.V, static_cast<T*>(a.out) + row * a.V, a.V, row,
@@ -334,25 +291,18 @@ DK_CPU_INLINE void grad_range(const GradArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-DK_CPU_CLONES void grad_range_f32(const GradArgs& a, int64_t b, int64_t e) { grad_range<float>(a, b, e); }
-DK_CPU_CLONES void grad_range_f16(const GradArgs& a, int64_t b, int64_t e) { grad_range<c10::Half>(a, b, e); }
-DK_CPU_CLONES void grad_range_bf16(const GradArgs& a, int64_t b, int64_t e) {
+DK_CPU_CLONES void grad_range_f32(const GradPointers& a, int64_t b, int64_t e) { grad_range<float>(a, b, e); }
+DK_CPU_CLONES void grad_range_f16(const GradPointers& a, int64_t b, int64_t e) { grad_range<c10::Half>(a, b, e); }
+DK_CPU_CLONES void grad_range_bf16(const GradPointers& a, int64_t b, int64_t e) {
   grad_range<c10::BFloat16>(a, b, e);
 }
-
-struct FusedArgs {
-  ForwardArgs fwd;
-  void* out;                 // the gradient [N, V]; may equal fwd.logits
-  const float* row_weights;  // w_t
-  float grad_scale;
-};
 
 // forward_range and grad_range in one pass over the rows: each row is reduced, then re-read for its
 // gradient while it is still in this core's cache (<= 1 MiB for V <= 256k float32), instead of from
 // DRAM in a later backward pass. Same functions, same arguments: the same bits as the two passes.
 template <typename T>
-DK_CPU_INLINE void forward_grad_range(const FusedArgs& a, int64_t begin, int64_t end) {
-  const ForwardArgs& f = a.fwd;
+DK_CPU_INLINE void forward_grad_range(const FusedPointers& a, int64_t begin, int64_t end) {
+  const ForwardPointers& f = a.fwd;
   const int64_t V = f.V;
   alignas(64) float buf[CHUNK];
   for (int64_t row = begin; row < end; ++row) {
@@ -364,19 +314,18 @@ DK_CPU_INLINE void forward_grad_range(const FusedArgs& a, int64_t begin, int64_t
       continue;
     }
     const RowResult r = forward_row(f, row, x);
-    const GradFactors gh = weighted_grad_factors(a.row_weights[row], a.grad_scale, r.terms.dlogp,
-                                                 f.params.entropy_coef);
+    const GradFactors gh = fused_grad_factors(a, row, r);
     grad_row(x, out, V, row, f.targets[row], r.lse, r.entropy, gh.g, gh.h, f.inv_tau, buf);
   }
 }
 
-DK_CPU_CLONES void forward_grad_range_f32(const FusedArgs& a, int64_t b, int64_t e) {
+DK_CPU_CLONES void forward_grad_range_f32(const FusedPointers& a, int64_t b, int64_t e) {
   forward_grad_range<float>(a, b, e);
 }
-DK_CPU_CLONES void forward_grad_range_f16(const FusedArgs& a, int64_t b, int64_t e) {
+DK_CPU_CLONES void forward_grad_range_f16(const FusedPointers& a, int64_t b, int64_t e) {
   forward_grad_range<c10::Half>(a, b, e);
 }
-DK_CPU_CLONES void forward_grad_range_bf16(const FusedArgs& a, int64_t b, int64_t e) {
+DK_CPU_CLONES void forward_grad_range_bf16(const FusedPointers& a, int64_t b, int64_t e) {
   forward_grad_range<c10::BFloat16>(a, b, e);
 }
 
@@ -385,48 +334,14 @@ int64_t grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 16) / std:
 
 }  // namespace cpu
 
-namespace {
-
-cpu::ForwardArgs forward_args(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
-                              const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
-                              const at::Tensor& advantages, const RowParams& params, float inv_tau,
-                              bool need_entropy, ForwardOutputs& out) {
-  return cpu::ForwardArgs{logits.const_data_ptr(),
-                          targets.const_data_ptr<int64_t>(),
-                          scored.const_data_ptr<bool>(),
-                          old_logprobs.const_data_ptr<float>(),
-                          ref_logprobs.defined() ? ref_logprobs.const_data_ptr<float>() : nullptr,
-                          advantages.const_data_ptr<float>(),
-                          logits.size(1),
-                          inv_tau,
-                          need_entropy,
-                          params,
-                          out.logp.mutable_data_ptr<float>(),
-                          out.entropy.mutable_data_ptr<float>(),
-                          out.lse.mutable_data_ptr<float>(),
-                          out.loss.mutable_data_ptr<float>(),
-                          out.dlogp.mutable_data_ptr<float>(),
-                          out.kl.mutable_data_ptr<float>(),
-                          out.flags.mutable_data_ptr<uint8_t>()};
-}
-
-}  // namespace
-
 void forward_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
                       const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
                       const at::Tensor& advantages, const RowParams& params, float inv_tau,
                       bool need_entropy, ForwardOutputs& out) {
-  const int64_t N = logits.size(0);
-  const cpu::ForwardArgs a =
-      forward_args(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out);
-  void (*fn)(const cpu::ForwardArgs&, int64_t, int64_t) = nullptr;
-  switch (logits.scalar_type()) {
-    case at::kFloat: fn = cpu::forward_range_f32; break;
-    case at::kHalf: fn = cpu::forward_range_f16; break;
-    case at::kBFloat16: fn = cpu::forward_range_bf16; break;
-    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
-  }
-  at::parallel_for(0, N, cpu::grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  const ForwardPointers a =
+      forward_pointers(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out);
+  const auto fn = by_logits_dtype(logits, cpu::forward_range_f32, cpu::forward_range_f16, cpu::forward_range_bf16);
+  at::parallel_for(0, a.N, cpu::grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 void forward_grad_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
@@ -434,41 +349,19 @@ void forward_grad_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, 
                            const at::Tensor& advantages, const RowParams& params, float inv_tau,
                            bool need_entropy, const at::Tensor& row_weights, float grad_scale,
                            ForwardOutputs& out, const at::Tensor& grad) {
-  const int64_t N = logits.size(0);
-  const cpu::FusedArgs a{
-      forward_args(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out),
-      grad.data_ptr(), row_weights.const_data_ptr<float>(), grad_scale};
-  void (*fn)(const cpu::FusedArgs&, int64_t, int64_t) = nullptr;
-  switch (logits.scalar_type()) {
-    case at::kFloat: fn = cpu::forward_grad_range_f32; break;
-    case at::kHalf: fn = cpu::forward_grad_range_f16; break;
-    case at::kBFloat16: fn = cpu::forward_grad_range_bf16; break;
-    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
-  }
-  at::parallel_for(0, N, cpu::grain(a.fwd.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  const FusedPointers a = fused_pointers(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params,
+                                         inv_tau, need_entropy, row_weights, grad_scale, out, grad);
+  const auto fn = by_logits_dtype(logits, cpu::forward_grad_range_f32, cpu::forward_grad_range_f16,
+                                  cpu::forward_grad_range_bf16);
+  at::parallel_for(0, a.fwd.N, cpu::grain(a.fwd.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 void grad_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                    const at::Tensor& entropy, const at::Tensor& g, const at::Tensor& h, float inv_tau,
                    const at::Tensor& out) {
-  const int64_t N = logits.size(0);
-  cpu::GradArgs a{logits.const_data_ptr(),
-                  out.data_ptr(),
-                  targets.const_data_ptr<int64_t>(),
-                  lse.const_data_ptr<float>(),
-                  entropy.const_data_ptr<float>(),
-                  g.const_data_ptr<float>(),
-                  h.const_data_ptr<float>(),
-                  logits.size(1),
-                  inv_tau};
-  void (*fn)(const cpu::GradArgs&, int64_t, int64_t) = nullptr;
-  switch (logits.scalar_type()) {
-    case at::kFloat: fn = cpu::grad_range_f32; break;
-    case at::kHalf: fn = cpu::grad_range_f16; break;
-    case at::kBFloat16: fn = cpu::grad_range_bf16; break;
-    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
-  }
-  at::parallel_for(0, N, cpu::grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+  const GradPointers a = grad_pointers(logits, targets, lse, entropy, g, h, inv_tau, out);
+  const auto fn = by_logits_dtype(logits, cpu::grad_range_f32, cpu::grad_range_f16, cpu::grad_range_bf16);
+  at::parallel_for(0, a.N, cpu::grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
 }  // namespace deltal_kernels

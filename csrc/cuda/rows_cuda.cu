@@ -32,6 +32,7 @@
 
 #include "deltal_kernels/kernels.h"
 #include "deltal_kernels/row_math.h"
+#include "deltal_kernels/row_pointers.h"
 
 namespace deltal_kernels {
 namespace cuda {
@@ -47,40 +48,6 @@ union Packet {
   static constexpr int N = 16 / sizeof(T);
   uint4 raw;
   T v[N];
-};
-
-struct ForwardParams {
-  const void* logits;
-  const int64_t* targets;
-  const bool* scored;
-  const float* old_logprobs;
-  const float* ref_logprobs;  // nullptr: no KL term
-  const float* advantages;
-  int64_t N;
-  int64_t V;
-  float inv_tau;
-  bool need_entropy;
-  RowParams params;
-  float* logp;
-  float* entropy;
-  float* lse;
-  float* loss;
-  float* dlogp;
-  float* kl;
-  uint8_t* flags;
-};
-
-struct GradParams {
-  const void* logits;
-  void* out;  // may be logits itself: every element is read before it is written, by the same thread
-  const int64_t* targets;
-  const float* lse;
-  const float* entropy;
-  const float* g;
-  const float* h;
-  int64_t N;
-  int64_t V;
-  float inv_tau;
 };
 
 // Elements of a row before its first 16-byte boundary (all of them if the row is not even
@@ -170,34 +137,17 @@ __device__ __forceinline__ SoftmaxStats row_stats(const T* x, int64_t V, float i
 
 // The epilogue of one scored row (row_math.h's row_epilogue on the reduced statistics).
 template <typename T>
-__device__ __forceinline__ RowResult forward_epilogue(const ForwardParams& a, int64_t row, const T* x,
+__device__ __forceinline__ RowResult forward_epilogue(const ForwardPointers& a, int64_t row, const T* x,
                                                       const SoftmaxStats& st) {
   const int64_t y = a.targets[row];
   // targets are validated before any kernel runs; one that is out of range anyway (e.g. under
   // torch.compile, which skips the value checks) gives NaN, never an out-of-bounds read
   const float zy = (y >= 0 && y < a.V) ? static_cast<float>(x[y]) * a.inv_tau : NAN;
-  const float ref = a.ref_logprobs != nullptr ? a.ref_logprobs[row] : 0.0f;
-  return row_epilogue(st, zy, a.need_entropy, a.old_logprobs[row], ref, a.advantages[row], a.params);
-}
-
-__device__ __forceinline__ void store_row(const ForwardParams& a, int64_t row, const RowResult& r) {
-  a.logp[row] = r.logp;
-  a.entropy[row] = r.entropy;
-  a.lse[row] = r.lse;
-  a.loss[row] = r.terms.loss;
-  a.dlogp[row] = r.terms.dlogp;
-  a.kl[row] = r.terms.kl;
-  a.flags[row] = r.terms.flags;
-}
-
-// unscored rows do no V work: zeros in every [N] output
-__device__ __forceinline__ void store_unscored_row(const ForwardParams& a, int64_t row) {
-  a.logp[row] = a.entropy[row] = a.lse[row] = a.loss[row] = a.dlogp[row] = a.kl[row] = 0.0f;
-  a.flags[row] = 0;
+  return forward_row_result(a, row, st, zy);
 }
 
 template <typename T, int GROUP>
-__global__ void __launch_bounds__(kBlock) forward_kernel(const ForwardParams a) {
+__global__ void __launch_bounds__(kBlock) forward_kernel(const ForwardPointers a) {
   static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
   constexpr int ROWS = kBlock / GROUP;
   __shared__ SoftmaxStats smem[kBlock / kWarp];
@@ -283,7 +233,7 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int64_t V, int64_t 
 }
 
 template <typename T, int GROUP>
-__global__ void __launch_bounds__(kBlock) grad_kernel(const GradParams a) {
+__global__ void __launch_bounds__(kBlock) grad_kernel(const GradPointers a) {
   static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
   constexpr int ROWS = kBlock / GROUP;
   const int tid = threadIdx.x % GROUP;
@@ -295,23 +245,16 @@ __global__ void __launch_bounds__(kBlock) grad_kernel(const GradParams a) {
   }
 }
 
-struct FusedParams {
-  ForwardParams fwd;
-  void* out;                 // the gradient [N, V]; may be fwd.logits itself
-  const float* row_weights;  // w_t
-  float grad_scale;
-};
-
 // forward_kernel and grad_kernel in one launch: a group reduces its row, runs the epilogue (every
 // thread of the group, redundantly, so each has g and h), then makes a second pass over the same row
 // -- from L2 for most rows, the grid being sized so the rows in flight fit in it -- and writes its
 // gradient with grad_row: the same bits as the two kernels.
 template <typename T, int GROUP>
-__global__ void __launch_bounds__(kBlock) forward_grad_kernel(const FusedParams f) {
+__global__ void __launch_bounds__(kBlock) forward_grad_kernel(const FusedPointers f) {
   static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
   constexpr int ROWS = kBlock / GROUP;
   __shared__ SoftmaxStats smem[kBlock / kWarp];
-  const ForwardParams& a = f.fwd;
+  const ForwardPointers& a = f.fwd;
   const int tid = threadIdx.x % GROUP;
   const int64_t V = a.V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
@@ -334,8 +277,7 @@ __global__ void __launch_bounds__(kBlock) forward_grad_kernel(const FusedParams 
     } else {
       __syncwarp();
     }
-    const GradFactors gh = weighted_grad_factors(f.row_weights[row], f.grad_scale, r.terms.dlogp,
-                                                 a.params.entropy_coef);
+    const GradFactors gh = fused_grad_factors(f, row, r);
     grad_row<T, GROUP>(x, out, V, a.targets[row], r.lse, r.entropy, gh.g, gh.h, a.inv_tau, tid);
   }
 }
@@ -385,7 +327,7 @@ template <typename T, int GROUP>
 struct FusedTag {};
 
 template <typename T, int GROUP>
-void launch_forward(const ForwardParams& a) {
+void launch_forward(const ForwardPointers& a) {
   auto kernel = forward_kernel<T, GROUP>;
   const int64_t grid = grid_size<ForwardTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
   kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
@@ -393,7 +335,7 @@ void launch_forward(const ForwardParams& a) {
 }
 
 template <typename T, int GROUP>
-void launch_grad(const GradParams& a) {
+void launch_grad(const GradPointers& a) {
   auto kernel = grad_kernel<T, GROUP>;
   const int64_t grid = grid_size<GradTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
   kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
@@ -401,7 +343,7 @@ void launch_grad(const GradParams& a) {
 }
 
 template <typename T, int GROUP>
-void launch_forward_grad(const FusedParams& f) {
+void launch_forward_grad(const FusedPointers& f) {
   auto kernel = forward_grad_kernel<T, GROUP>;
   constexpr int rows = kBlock / GROUP;
   const int64_t grid = l2_bounded_blocks(grid_size<FusedTag<T, GROUP>>(kernel, f.fwd.N, rows), rows,
@@ -411,7 +353,7 @@ void launch_forward_grad(const FusedParams& f) {
 }
 
 template <typename T>
-void forward_dtype(const ForwardParams& a) {
+void forward_dtype(const ForwardPointers& a) {
   if (a.V <= kSmallV) {
     launch_forward<T, kWarp>(a);
   } else {
@@ -420,7 +362,7 @@ void forward_dtype(const ForwardParams& a) {
 }
 
 template <typename T>
-void grad_dtype(const GradParams& a) {
+void grad_dtype(const GradPointers& a) {
   if (a.V <= kSmallV) {
     launch_grad<T, kWarp>(a);
   } else {
@@ -429,7 +371,7 @@ void grad_dtype(const GradParams& a) {
 }
 
 template <typename T>
-void forward_grad_dtype(const FusedParams& f) {
+void forward_grad_dtype(const FusedPointers& f) {
   if (f.fwd.V <= kSmallV) {
     launch_forward_grad<T, kWarp>(f);
   } else {
@@ -439,47 +381,15 @@ void forward_grad_dtype(const FusedParams& f) {
 
 }  // namespace cuda
 
-namespace {
-
-cuda::ForwardParams forward_params(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
-                                   const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
-                                   const at::Tensor& advantages, const RowParams& params, float inv_tau,
-                                   bool need_entropy, ForwardOutputs& out) {
-  return cuda::ForwardParams{logits.const_data_ptr(),
-                             targets.const_data_ptr<int64_t>(),
-                             scored.const_data_ptr<bool>(),
-                             old_logprobs.const_data_ptr<float>(),
-                             ref_logprobs.defined() ? ref_logprobs.const_data_ptr<float>() : nullptr,
-                             advantages.const_data_ptr<float>(),
-                             logits.size(0),
-                             logits.size(1),
-                             inv_tau,
-                             need_entropy,
-                             params,
-                             out.logp.mutable_data_ptr<float>(),
-                             out.entropy.mutable_data_ptr<float>(),
-                             out.lse.mutable_data_ptr<float>(),
-                             out.loss.mutable_data_ptr<float>(),
-                             out.dlogp.mutable_data_ptr<float>(),
-                             out.kl.mutable_data_ptr<float>(),
-                             out.flags.mutable_data_ptr<uint8_t>()};
-}
-
-}  // namespace
-
 void forward_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
                        const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,
                        const at::Tensor& advantages, const RowParams& params, float inv_tau,
                        bool need_entropy, ForwardOutputs& out) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const cuda::ForwardParams a =
-      forward_params(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out);
-  switch (logits.scalar_type()) {
-    case at::kFloat: cuda::forward_dtype<float>(a); break;
-    case at::kHalf: cuda::forward_dtype<c10::Half>(a); break;
-    case at::kBFloat16: cuda::forward_dtype<c10::BFloat16>(a); break;
-    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
-  }
+  const ForwardPointers a =
+      forward_pointers(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out);
+  by_logits_dtype(logits, cuda::forward_dtype<float>, cuda::forward_dtype<c10::Half>,
+                  cuda::forward_dtype<c10::BFloat16>)(a);
 }
 
 void forward_grad_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
@@ -488,37 +398,18 @@ void forward_grad_rows_cuda(const at::Tensor& logits, const at::Tensor& targets,
                             bool need_entropy, const at::Tensor& row_weights, float grad_scale,
                             ForwardOutputs& out, const at::Tensor& grad) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const cuda::FusedParams f{
-      forward_params(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out),
-      grad.data_ptr(), row_weights.const_data_ptr<float>(), grad_scale};
-  switch (logits.scalar_type()) {
-    case at::kFloat: cuda::forward_grad_dtype<float>(f); break;
-    case at::kHalf: cuda::forward_grad_dtype<c10::Half>(f); break;
-    case at::kBFloat16: cuda::forward_grad_dtype<c10::BFloat16>(f); break;
-    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
-  }
+  const FusedPointers f = fused_pointers(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params,
+                                         inv_tau, need_entropy, row_weights, grad_scale, out, grad);
+  by_logits_dtype(logits, cuda::forward_grad_dtype<float>, cuda::forward_grad_dtype<c10::Half>,
+                  cuda::forward_grad_dtype<c10::BFloat16>)(f);
 }
 
 void grad_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
                     const at::Tensor& entropy, const at::Tensor& g, const at::Tensor& h, float inv_tau,
                     const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const cuda::GradParams a{logits.const_data_ptr(),
-                           out.data_ptr(),
-                           targets.const_data_ptr<int64_t>(),
-                           lse.const_data_ptr<float>(),
-                           entropy.const_data_ptr<float>(),
-                           g.const_data_ptr<float>(),
-                           h.const_data_ptr<float>(),
-                           logits.size(0),
-                           logits.size(1),
-                           inv_tau};
-  switch (logits.scalar_type()) {
-    case at::kFloat: cuda::grad_dtype<float>(a); break;
-    case at::kHalf: cuda::grad_dtype<c10::Half>(a); break;
-    case at::kBFloat16: cuda::grad_dtype<c10::BFloat16>(a); break;
-    default: TORCH_CHECK_TYPE(false, "logits: expected float32, float16 or bfloat16, got ", logits.scalar_type());
-  }
+  const GradPointers a = grad_pointers(logits, targets, lse, entropy, g, h, inv_tau, out);
+  by_logits_dtype(logits, cuda::grad_dtype<float>, cuda::grad_dtype<c10::Half>, cuda::grad_dtype<c10::BFloat16>)(a);
 }
 
 #define DK_STRINGIFY2(...) #__VA_ARGS__
