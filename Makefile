@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m deltal_kernels.bench
+	$(VENV)/bin/deltal-bench
 
 # on a machine with a CUDA GPU: build, whole test suite on CUDA (cuda + triton, Triton compiled, no
 # interpreter), GPU benchmark; logs and results under bench/results/

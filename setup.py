@@ -198,7 +198,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["deltal_kernels", "deltal_kernels.*"]),
     install_requires=["torch>=2.4"],
-    extras_require={"bench": ["rich", "matplotlib"], "test": ["pytest", "hypothesis"]},
+    extras_require={"bench": ["rich", "matplotlib"], "test": ["pytest", "hypothesis"],
+                    "trl": ["trl"], "liger": ["liger-kernel"]},
+    entry_points={"console_scripts": ["deltal-bench = deltal_kernels.bench.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
