@@ -12,7 +12,9 @@ PYTEST_ARGS ?=
 .PHONY: venv install test bench gpu-check test-verl clean
 venv: $(VENV)/.complete
 
-$(VENV)/.complete: $(REQS)
+# no prerequisite on the requirements file: its hash is in the venv's name, and a fresh clone's
+# file is always newer than the cached venv
+$(VENV)/.complete:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
@@ -37,7 +39,7 @@ gpu-check: venv
 # verl pins its own transformers and pulls ray: its parity tests get their own venv
 VERL_REQS := requirements/verl.txt
 VERL_VENV ?= $(DK_CACHE)/venv-verl-$(shell cat $(VERL_REQS) | sha256sum | cut -c1-12)
-$(VERL_VENV)/.complete: $(VERL_REQS)
+$(VERL_VENV)/.complete:
 	rm -rf $(VERL_VENV)
 	$(PYTHON) -m venv $(VERL_VENV)
 	$(VERL_VENV)/bin/pip install -q --upgrade pip
