@@ -14,8 +14,8 @@ import torch
 from .reference import K3_CLAMP, LOG_RATIO_CLAMP
 from .validation import LossParams
 
-# rows per chunk: about 2^25 elements of float32 per [rows, V] temporary
-CHUNK_ELEMENTS = 1 << 25
+# rows per chunk: about 2^22 elements (16 MB of float32) per [rows, V] temporary
+CHUNK_ELEMENTS = 1 << 22
 
 FLAG_CLIPPED = 1  # pg_t took the clipped branch
 FLAG_DUAL_CLIPPED = 2  # the dual clip bound was active
