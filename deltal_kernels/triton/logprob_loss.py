@@ -144,13 +144,6 @@ def _forward_kernel(
                 loss = loss - entropy_coef * entropy
             dlogp = dpg + kl_coef * dkl
 
-            tl.store(logp_ptr + row64, logp)
-            tl.store(entropy_ptr + row64, entropy)
-            tl.store(lse_ptr + row64, lse)
-            tl.store(loss_ptr + row64, loss)
-            tl.store(dlogp_ptr + row64, dlogp)
-            tl.store(kl_ptr + row64, kl)
-            tl.store(flags_ptr + row64, flags.to(tl.uint8))
             if WRITE_GRAD:
                 # the gradient of grad_scale * sum_t w_t l_t, as dispatch's backward forms it from
                 # d_loss = grad_output * w_t; a second pass over the row, which is still in L2 for
@@ -160,16 +153,18 @@ def _forward_kernel(
                           d_loss * dlogp, d_loss * -entropy_coef, inv_tau, BLOCK, BF16_BY_HAND)
         else:  # unscored: no V work, zeros in every output
             zero = tl.cast(0.0, tl.float32)
-            tl.store(logp_ptr + row64, zero)
-            tl.store(entropy_ptr + row64, zero)
-            tl.store(lse_ptr + row64, zero)
-            tl.store(loss_ptr + row64, zero)
-            tl.store(dlogp_ptr + row64, zero)
-            tl.store(kl_ptr + row64, zero)
-            tl.store(flags_ptr + row64, tl.cast(0, tl.uint8))
+            logp, entropy, lse, loss, dlogp, kl = zero, zero, zero, zero, zero, zero
+            flags = tl.cast(0, tl.int32)
             if WRITE_GRAD:
                 _grad_row(logits_ptr, grad_ptr + row64 * stride_grad, V, 0, zero, zero, zero, zero, inv_tau,
                           BLOCK, BF16_BY_HAND)
+        tl.store(logp_ptr + row64, logp)
+        tl.store(entropy_ptr + row64, entropy)
+        tl.store(lse_ptr + row64, lse)
+        tl.store(loss_ptr + row64, loss)
+        tl.store(dlogp_ptr + row64, dlogp)
+        tl.store(kl_ptr + row64, kl)
+        tl.store(flags_ptr + row64, flags.to(tl.uint8))
 
 
 @triton.jit
