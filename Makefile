@@ -10,16 +10,22 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: venv install test bench gpu-check test-verl clean
+
+# $(call make-venv,DIR,REQUIREMENTS): a fresh venv in DIR; DIR/.complete marks a finished install
+define make-venv
+rm -rf $(1)
+$(PYTHON) -m venv $(1)
+$(1)/bin/pip install -q --upgrade pip
+$(1)/bin/pip install -r $(2)
+touch $(1)/.complete
+endef
+
 venv: $(VENV)/.complete
 
 # no prerequisite on the requirements file: its hash is in the venv's name, and a fresh clone's
 # file is always newer than the cached venv
 $(VENV)/.complete:
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -r $(REQS)
-	touch $@
+	$(call make-venv,$(VENV),$(REQS))
 
 # the package (and its compiled extension) installed editable from this clone
 install: venv
@@ -40,11 +46,7 @@ gpu-check: venv
 VERL_REQS := requirements/verl.txt
 VERL_VENV ?= $(DK_CACHE)/venv-verl-$(shell cat $(VERL_REQS) | sha256sum | cut -c1-12)
 $(VERL_VENV)/.complete:
-	rm -rf $(VERL_VENV)
-	$(PYTHON) -m venv $(VERL_VENV)
-	$(VERL_VENV)/bin/pip install -q --upgrade pip
-	$(VERL_VENV)/bin/pip install -r $(VERL_REQS)
-	touch $@
+	$(call make-venv,$(VERL_VENV),$(VERL_REQS))
 
 test-verl: $(VERL_VENV)/.complete
 	PYTHONPATH=$(CURDIR) $(VERL_VENV)/bin/python -m pytest tests/test_integrations_verl.py $(PYTEST_ARGS)
