@@ -356,14 +356,6 @@ def test_forward_grad_op_rejects_bad_arguments(index, bad, error, match):
         ops().forward_grad_rows(*args)
 
 
-def test_forward_grad_out_partially_overlapping_logits_is_rejected():
-    args = _fused_args()
-    base = torch.randn(50)
-    args[0], args[16] = base[:40].view(4, 10), base[5:45].view(4, 10)
-    with pytest.raises(ValueError, match="out: must be the logits themselves or not overlap them"):
-        ops().forward_grad_rows(*args)
-
-
 def test_forward_grad_op_meta_and_opcheck():
     args = _fused_args()
     meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
@@ -457,12 +449,14 @@ def test_grad_op_rejects_bad_arguments(index, bad, error, match):
         ops().grad_rows(*args)
 
 
-def test_grad_out_partially_overlapping_logits_is_rejected():
-    args = _grad_args()
+@pytest.mark.parametrize("op,make_args,out_index", [("grad_rows", "_grad_args", 7),
+                                                   ("forward_grad_rows", "_fused_args", 16)])
+def test_out_partially_overlapping_logits_is_rejected(op, make_args, out_index):
+    args = globals()[make_args]()
     base = torch.randn(50)
-    args[0], args[7] = base[:40].view(4, 10), base[5:45].view(4, 10)
+    args[0], args[out_index] = base[:40].view(4, 10), base[5:45].view(4, 10)
     with pytest.raises(ValueError, match="out: must be the logits themselves or not overlap them"):
-        ops().grad_rows(*args)
+        getattr(ops(), op)(*args)
 
 
 def test_grad_target_out_of_range_is_an_error():
