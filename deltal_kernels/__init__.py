@@ -2,10 +2,10 @@
 from . import packing, reference
 from .aggregation import AGGREGATIONS, sequence_weights
 from .dispatch import available_backends
-from .loss import PolicyLoss, policy_loss
+from .loss import PolicyLoss, policy_loss, validate
 from .output import PolicyLossOutput
 
 __version__ = "0.1.0"
 
 __all__ = ["AGGREGATIONS", "PolicyLoss", "PolicyLossOutput", "available_backends", "packing", "policy_loss",
-           "reference", "sequence_weights", "__version__"]
+           "reference", "sequence_weights", "validate", "__version__"]

@@ -31,6 +31,7 @@ those outputs, so every backend shares one deterministic reduction.
 from __future__ import annotations
 
 import importlib
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -161,9 +162,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, d_logp, d_entropy, d_lse, d_loss, d_dlogp, d_kl, d_flags):
-    logits, targets, lse, entropy, dlogp = ctx.saved_tensors
     if d_loss is None:
         return (None,) * 16
+    check_first_order()
+    logits, targets, lse, entropy, dlogp = ctx.saved_tensors
     g = d_loss * dlogp
     h = d_loss * -ctx.entropy_coef
     if ctx.inplace:  # the gradient overwrites the logits' own storage: no [N, V] allocation
@@ -178,46 +180,95 @@ torch.library.register_autograd("deltal_kernels::rows_forward", _backward, setup
 
 
 
-# ---- the fused path: gradient written by the forward launch, scaled in backward only if needed ----
+# ---- the fused path: gradient written by the forward launch, handed to the first backward ----
+#
+# The forward writes dL/dlogits for a loss scale of 1 into a buffer the op owns. The first backward
+# takes that buffer (the op keeps no reference, so what autograd or a user hook does with it later
+# cannot affect this graph) and applies the incoming scale d_loss in place, in float32, with no host
+# sync: on CUDA the kernel reads d_loss on the device and does nothing when it is 1; on the CPU the
+# value is read directly. A later backward through the same graph (retain_graph=True) recomputes the
+# gradient from the logits, which the op holds only weakly (keeping them alive would cost the
+# [N, V] the fused schedule frees); if they are gone or were modified in place, that is an error.
 
 @torch.library.custom_op("deltal_kernels::rows_forward_fused", mutates_args=())
 def rows_forward_fused(backend: str, logits: Tensor, targets: Tensor, scored: Tensor, old_logprobs: Tensor,
                        ref_logprobs: Optional[Tensor], advantages: Tensor, row_weights: Tensor, clip_low: float,
                        clip_high: float, dual_clip: float, kl_coef: float, kl_type: int, entropy_coef: float,
                        temperature: float, need_entropy: bool
-                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     params = LossParams(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature)
     grad = torch.empty_like(logits)
-    logp, entropy, _, loss_rows, _, kl, flags = _load(backend).forward_grad_rows(
+    logp, entropy, lse, loss_rows, dlogp, kl, flags = _load(backend).forward_grad_rows(
         logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy, row_weights, 1.0, grad)
-    return weighted_sum(row_weights, loss_rows), logp, entropy, kl, flags, grad
+    return weighted_sum(row_weights, loss_rows), logp, entropy, kl, flags, lse, dlogp, grad
 
 
 @rows_forward_fused.register_fake
 def _(backend, logits, targets, scored, old_logprobs, ref_logprobs, advantages, row_weights, clip_low, clip_high,
       dual_clip, kl_coef, kl_type, entropy_coef, temperature, need_entropy):
     row = lambda: torch.empty_like(old_logprobs)  # noqa: E731
-    return (old_logprobs.new_empty(()), row(), row(), row(), torch.empty_like(scored, dtype=torch.uint8),
-            torch.empty_like(logits))
+    return (old_logprobs.new_empty(()), row(), row(), row(), torch.empty_like(scored, dtype=torch.uint8), row(),
+            row(), torch.empty_like(logits))
 
 
 def _fused_setup_context(ctx, inputs, output):
-    loss, logp, entropy, kl, flags, grad = output
-    ctx.mark_non_differentiable(logp, entropy, kl, flags, grad)
+    loss, logp, entropy, kl, flags, lse, dlogp, grad = output
+    ctx.mark_non_differentiable(logp, entropy, kl, flags, lse, dlogp, grad)
     ctx.set_materialize_grads(False)  # else autograd fills a zero [N, V] "gradient" for the grad output
-    ctx.save_for_backward(grad)
+    backend, logits, targets, row_weights = inputs[0], inputs[1], inputs[2], inputs[7]
+    ctx.save_for_backward(targets, lse, entropy, dlogp, row_weights)  # [N]: for a repeated backward only
+    ctx.buffer = [grad]  # not saved: the first backward hands it out and forgets it
+    ctx.logits = weakref.ref(logits)
+    ctx.logits_version = logits._version
+    ctx.backend = backend
+    ctx.entropy_coef = inputs[13]
+    ctx.temperature = inputs[14]
 
 
 def _fused_backward(ctx, d_loss, *_):
     if d_loss is None:
         return (None,) * 16
-    (grad,) = ctx.saved_tensors
-    # loss.backward() seeds 1: the gradient is already final. Checking costs one scalar sync in eager
-    # mode; a compiled graph cannot branch on the value and always scales.
-    if torch.compiler.is_compiling() or bool(d_loss != 1):
-        grad = grad * d_loss.to(grad.dtype)
+    check_first_order()
+    if ctx.buffer:
+        grad = ctx.buffer.pop()
+        scale_(grad, d_loss)
+        return (None, grad) + (None,) * 14
+    logits = ctx.logits()
+    if logits is None or logits._version != ctx.logits_version:
+        raise RuntimeError(
+            "deltal_kernels: a second backward through this policy loss (retain_graph=True) needs the logits as "
+            "they were in the forward (the fused path recomputes the gradient from them): they were "
+            + ("freed" if logits is None else "modified in place") + ". Keep a reference to the logits, or call "
+            "backward once.")
+    targets, lse, entropy, dlogp, row_weights = ctx.saved_tensors
+    g = (d_loss * row_weights) * dlogp
+    h = (d_loss * row_weights) * -ctx.entropy_coef
+    grad = rows_grad(ctx.backend, logits.detach(), targets, lse, entropy, g, h, ctx.temperature)
     return (None, grad) + (None,) * 14
 
 
 torch.library.register_autograd("deltal_kernels::rows_forward_fused", _fused_backward,
                                 setup_context=_fused_setup_context)
+
+
+def scale_(grad: Tensor, scale: Tensor) -> None:
+    """grad *= scale in place, in float32 (one rounding to grad's dtype), without a host sync;
+    nothing is read or written when scale is 1 (the usual loss.backward())."""
+    if grad.numel() == 0:
+        return
+    if scale.device.type == "cpu":
+        if float(scale) != 1.0:  # a CPU tensor: reading it costs nothing
+            grad.mul_(scale.to(torch.float32))
+        return
+    from . import grad_scale  # Triton, imported on first use
+    grad_scale.scale_on_device_(grad, scale)
+
+
+def check_first_order() -> None:
+    """The ops' backward is not differentiable: a create_graph=True backward through them is an error."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "deltal_kernels: double backward is not supported: the policy loss's gradient is computed by a "
+            "kernel, not by differentiable operations, so backward(create_graph=True) / a Hessian-vector "
+            "product through it would be silently wrong. Use deltal_kernels.reference.policy_loss for "
+            "second-order derivatives.")

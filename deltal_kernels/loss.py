@@ -22,22 +22,17 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
     whole optimizer batch (``sequence_weights``) to each micro-batch. Returns a
     ``PolicyLossOutput`` whose ``loss`` is differentiable w.r.t. ``logits`` only.
     """
-    b = prepare(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
-                ref_logprobs=ref_logprobs, weights=weights, agg=agg, alpha=alpha, max_len=max_len,
-                clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type,
-                entropy_coef=entropy_coef, temperature=temperature, with_entropy=with_entropy)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
-    if inplace_backward and b.logits is not logits:
-        raise ValueError("inplace_backward: needs contiguous logits (the gradient is written into their storage)")
-    name = resolve_backend(backend, logits.device)
-    if name != "torch" and logits.dtype == torch.float64:
-        raise TypeError(f"logits: backend {name!r} takes float32, float16 or bfloat16 logits; "
-                        "float64 runs on backend='torch'")
+    b, name = _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
+                            ref_logprobs=ref_logprobs, weights=weights, agg=agg, alpha=alpha, max_len=max_len,
+                            clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                            kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature,
+                            with_entropy=with_entropy, inplace_backward=inplace_backward, backend=backend)
     p = b.params
-    if logits.requires_grad and torch.is_grad_enabled() and not inplace_backward and has_fused_gradient(name):
-        # the forward launch writes the gradient too: one read of the logits fewer
-        loss, logp, entropy, kl, flags, _ = rows_forward_fused(
+    if (logits.requires_grad and torch.is_grad_enabled() and not inplace_backward and has_fused_gradient(name)
+            and not torch.compiler.is_compiling()):
+        # the forward launch writes the gradient too: one read of the logits fewer. (Under torch.compile
+        # the two-pass schedule runs: its backward folds a loss scale into the row factors for free.)
+        loss, logp, entropy, kl, flags, *_ = rows_forward_fused(
             name, b.logits, b.targets, b.scored, b.old_logprobs, b.ref_logprobs, b.advantages, b.row_weights,
             p.clip_low, p.clip_high, p.dual_clip, p.kl_coef, p.kl_type, p.entropy_coef, p.temperature,
             b.need_entropy)
@@ -58,6 +53,36 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
     )
     return PolicyLossOutput(loss=loss, logprobs=logp.detach(), entropy=entropy.detach() if b.need_entropy else None,
                             metrics=metrics)
+
+
+def _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, *, inplace_backward, backend, **options):
+    """Every argument check of ``policy_loss``; returns the prepared batch and the backend to run."""
+    b = prepare(logits, targets, old_logprobs, advantages, cu_seqlens, **options)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
+    if inplace_backward and b.logits is not logits:
+        raise ValueError("inplace_backward: needs contiguous logits (the gradient is written into their storage)")
+    name = resolve_backend(backend, logits.device)
+    if name != "torch" and logits.dtype == torch.float64:
+        raise TypeError(f"logits: backend {name!r} takes float32, float16 or bfloat16 logits; "
+                        "float64 runs on backend='torch'")
+    return b, name
+
+
+def validate(logits, targets, old_logprobs, advantages, cu_seqlens, **options) -> None:
+    """Run every check ``policy_loss`` makes on these arguments, the value checks included, and raise
+    its ValueError/TypeError if one fails. ``policy_loss`` skips the value checks (cu_seqlens
+    offsets, target range, finite advantages and weights, 0/1 mask) under torch.compile, where they
+    would break the graph: a compiled training loop calls this once, eagerly, on a representative
+    batch (or on every batch outside the compiled region). Takes policy_loss's arguments."""
+    unknown = set(options) - _OPTION_NAMES - {"loss_mask", "ref_logprobs", "weights"}
+    if unknown:
+        raise TypeError(f"validate: unknown options {sorted(unknown)}")
+    defaults = {name: param.default for name, param in inspect.signature(policy_loss).parameters.items()
+                if param.kind is inspect.Parameter.KEYWORD_ONLY}
+    if torch.compiler.is_compiling():
+        raise RuntimeError("validate: call it eagerly, outside the compiled region (its checks read values)")
+    _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, **{**defaults, **options})
 
 
 _OPTION_NAMES = {name for name, param in inspect.signature(policy_loss).parameters.items()

@@ -5,6 +5,7 @@ shapes, dtypes, devices and values are known to be valid.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -59,29 +60,74 @@ def _check_tensor(name, x, *, shape, dtypes, device, kind="float"):
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDICES = (torch.int32, torch.int64)
-_MASKS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_MASKS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+          torch.float32, torch.float64)
+
+
+# the float32 range the kernels compute in: a temperature outside it has no finite float32 reciprocal
+_F32_TINY = float(torch.finfo(torch.float32).tiny)
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _is_finite_number(x) -> bool:
+    return is_number(x) and math.isfinite(x)
 
 
 def check_options(*, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature,
                   has_ref: bool) -> LossParams:
+    """The scalar options, checked once for every backend (the kernels' own checks never differ)."""
     if not is_number(clip_low) or not 0.0 <= clip_low < 1.0:
         raise ValueError(f"clip_low: expected a number in [0, 1), got {clip_low!r}")
-    if not is_number(clip_high) or not clip_high >= 0.0:
-        raise ValueError(f"clip_high: expected a number >= 0, got {clip_high!r}")
-    if dual_clip is not None and (not is_number(dual_clip) or not dual_clip > 1.0):
-        raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
-    if not is_number(kl_coef) or kl_coef != kl_coef:
-        raise ValueError(f"kl_coef: expected a number, got {kl_coef!r}")
+    if not _is_finite_number(clip_high) or not clip_high >= 0.0:
+        raise ValueError(f"clip_high: expected a finite number >= 0, got {clip_high!r} (for no upper clip, "
+                         "pass a large finite value such as 1e9)")
+    if dual_clip is not None and (not _is_finite_number(dual_clip) or not dual_clip > 1.0):
+        raise ValueError(f"dual_clip: expected None or a finite number > 1, got {dual_clip!r}")
+    if not _is_finite_number(kl_coef):
+        raise ValueError(f"kl_coef: expected a finite number, got {kl_coef!r}")
     if kl_type not in KL_TYPES:
         raise ValueError(f"kl_type: expected one of {sorted(KL_TYPES)}, got {kl_type!r}")
     if kl_coef != 0.0 and not has_ref:
         raise ValueError("ref_logprobs: kl_coef != 0 needs ref_logprobs")
-    if not is_number(entropy_coef) or entropy_coef != entropy_coef:
-        raise ValueError(f"entropy_coef: expected a number, got {entropy_coef!r}")
-    if not is_number(temperature) or not temperature > 0.0 or temperature == float("inf"):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    if not _is_finite_number(entropy_coef):
+        raise ValueError(f"entropy_coef: expected a finite number, got {entropy_coef!r}")
+    if not is_number(temperature) or not _F32_TINY <= temperature <= _F32_MAX:
+        raise ValueError(f"temperature: expected a number in [{_F32_TINY:.3g}, {_F32_MAX:.3g}] (finite, > 0, with "
+                         f"a finite float32 reciprocal), got {temperature!r}")
     return LossParams(float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef),
                       KL_TYPES[kl_type] if has_ref else 0, float(entropy_coef), float(temperature))
+
+
+def check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights) -> None:
+    """The checks that read the tensors' values (SPEC section 3). Each costs a host sync, and under
+    torch.compile they would break the graph: ``prepare`` runs them eagerly only, and
+    ``deltal_kernels.validate`` runs them on demand (once, eagerly, before a compiled loop)."""
+    cu = cu_seqlens.to(torch.int64)
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens: must start at 0, starts at {int(cu[0])}")
+    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError("cu_seqlens: must be non-decreasing")
+    if int(cu[-1]) != N:
+        raise ValueError(f"cu_seqlens: must end at N={N} (the number of logits rows), ends at {int(cu[-1])}")
+    if N > 0 and bool(((targets < 0) | (targets >= V)).any()):
+        raise ValueError(f"targets: every target must lie in [0, V={V})")
+    if not bool(advantages.isfinite().all()):
+        raise ValueError("advantages: contain NaN or inf")
+    if loss_mask is not None and loss_mask.dtype != torch.bool and not bool(((loss_mask == 0) | (loss_mask == 1)).all()):
+        raise ValueError("loss_mask: values must be 0 or 1")
+    if weights is not None and not bool(weights.isfinite().all()):
+        raise ValueError("weights: contain NaN or inf")
+
+
+def safe_offsets(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
+    """cu_seqlens as int64, forced into a valid shape (start 0, non-decreasing, end N) with [S]-sized
+    ops and no sync. Equal to cu_seqlens when it is valid; when the value checks were skipped (torch
+    compile) and it is not, the result is garbage but every index built from it stays in bounds."""
+    cu = cu_seqlens.to(torch.int64)
+    if cu.numel() < 2:
+        return cu.new_zeros(cu.numel())
+    inner = torch.cummax(cu[1:-1].clamp(0, N), 0).values
+    return torch.cat([cu.new_zeros(1), inner, cu.new_full((1,), N)])
 
 
 def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask, ref_logprobs, weights,
@@ -111,7 +157,7 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
                          f"got {describe(advantages)}")
     _check_tensor("advantages", advantages, shape=advantages.shape, dtypes=_FLOATS, device=dev)
     if loss_mask is not None:
-        _check_tensor("loss_mask", loss_mask, shape=(N,), dtypes=_MASKS, device=dev, kind="bool")
+        _check_tensor("loss_mask", loss_mask, shape=(N,), dtypes=_MASKS, device=dev, kind="bool, integer or float 0/1")
     if weights is not None:
         _check_tensor("weights", weights, shape=(S,), dtypes=_FLOATS, device=dev)
     else:
@@ -124,19 +170,8 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
 
     # value checks need the data; under torch.compile they would break the graph, so they run eagerly only
     if not torch.compiler.is_compiling():
-        cu = cu_seqlens.to(torch.int64)
-        if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens: must start at 0, starts at {int(cu[0])}")
-        if S > 0 and bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError("cu_seqlens: must be non-decreasing")
-        if int(cu[-1]) != N:
-            raise ValueError(f"cu_seqlens: must end at N={N} (the number of logits rows), ends at {int(cu[-1])}")
-        if N > 0 and bool(((targets < 0) | (targets >= V)).any()):
-            raise ValueError(f"targets: every target must lie in [0, V={V})")
-        if bool(advantages.isnan().any()):
-            raise ValueError("advantages: contain NaN")
-        if weights is not None and not bool(weights.isfinite().all()):
-            raise ValueError("weights: contain NaN or inf")
+        check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights)
+    cu_seqlens = safe_offsets(cu_seqlens, N)
 
     cd = compute_dtype(logits)
     scored = torch.ones(N, dtype=torch.bool, device=dev) if loss_mask is None else loss_mask != 0
