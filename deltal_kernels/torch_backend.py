@@ -67,10 +67,12 @@ def row_terms(logp, entropy, old, ref, adv, p: LossParams):
         passes = (diff.abs() <= LOG_RATIO_CLAMP) & (value <= K3_CLAMP)
         dkl = torch.where(passes, -(torch.exp(d) - 1.0), torch.zeros_like(d))
 
-    loss = pg + p.kl_coef * kl
+    loss, dlogp = pg, dpg
+    if p.kl_coef != 0.0:  # kl_t stays a metric otherwise: a NaN ref_logprobs must not reach the loss (0 * NaN)
+        loss = loss + p.kl_coef * kl
+        dlogp = dlogp + p.kl_coef * dkl
     if p.entropy_coef != 0.0:
         loss = loss - p.entropy_coef * entropy
-    dlogp = dpg + p.kl_coef * dkl
     flags = clipped.to(torch.uint8) * FLAG_CLIPPED + dual.to(torch.uint8) * FLAG_DUAL_CLIPPED
     return loss, dlogp, kl, flags
 
@@ -86,12 +88,17 @@ def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages
     for start, end in _chunks(rows.numel(), V):
         idx = rows[start:end]
         z = logits[idx].to(dtype) / p.temperature
-        row_lse = torch.logsumexp(z, dim=-1)
-        lse[idx] = row_lse
-        logp[idx] = z.gather(1, targets[idx, None]).squeeze(1) - row_lse
-        if need_entropy:  # p z is 0 where p = 0 (a -inf logit)
-            probs = torch.exp(z - row_lse[:, None])
-            entropy[idx] = row_lse - (probs * torch.where(z.isneginf(), 0.0, z)).sum(-1)
+        # everything relative to the row maximum m (NaN, +inf and all -inf rows give NaN, as in the
+        # reference): logp = (z_y - m) - log s keeps log V when |m| is huge, and the entropy
+        # log s - sum p (z - m) does not cancel two large numbers
+        m = z.amax(-1, keepdim=True)
+        zc = z - m
+        log_s = torch.logsumexp(zc, dim=-1)
+        lse[idx] = m.squeeze(1) + log_s
+        logp[idx] = zc.gather(1, targets[idx, None]).squeeze(1) - log_s
+        if need_entropy:  # p (z - m) is 0 where p = 0 (a -inf logit)
+            probs = torch.exp(zc - log_s[:, None])
+            entropy[idx] = log_s - (probs * torch.where(zc.isneginf(), 0.0, zc)).sum(-1)
     loss, dlogp, kl, flags = row_terms(logp, entropy, old_logprobs, ref_logprobs, advantages, p)
     zero = torch.zeros((), dtype=dtype, device=logits.device)
     return (logp, entropy, lse, torch.where(scored, loss, zero), torch.where(scored, dlogp, zero),
@@ -114,5 +121,7 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
         grad = -gc * probs
         grad.scatter_add_(1, targets[start:end, None], gc)
         grad -= hc * probs * (log_p + entropy[start:end, None])
-        active = (gc != 0) | (hc != 0)  # untouched rows are exact zeros whatever their logits hold
+        # untouched rows are exact zeros whatever their logits hold; a row whose softmax is NaN (a NaN or
+        # +inf logit) gets NaN, as the reference's log_softmax backward gives, whatever g and h are
+        active = (gc != 0) | (hc != 0) | lse[start:end, None].isnan()
         out[start:end] = torch.where(active, grad / temperature, torch.zeros_like(grad)).to(out.dtype)

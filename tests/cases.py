@@ -63,13 +63,15 @@ def run(fn, batch, loss_scale=None, **options):
     return out, (torch.zeros_like(logits) if grad is None else grad)
 
 
-def assert_matches_reference(batch, backend, **options):
+def assert_matches_reference(batch, backend, equal_nan=False, **options):
     """The backend's loss, logprobs, entropy, metrics and logits gradient against the float64 reference.
 
     Everything the kernels compute is float32, so scalars and per-row values are held to a float32
     bound; the gradient is stored in the logits' dtype, so it may differ by that dtype's rounding.
     A float32 lse of logits of magnitude |z| carries an absolute error of a few ulp(|z|), which is a
     relative error of the probabilities: that term of the bound follows the batch's logits.
+    equal_nan: NaN must appear exactly where the reference has NaN (non-finite inputs), the rest is held
+    to the same bound.
     """
     dtype = batch["logits"].dtype
     ref_out, ref_grad = run(dk.reference.policy_loss, as_float64(batch), **options)
@@ -83,10 +85,14 @@ def assert_matches_reference(batch, backend, **options):
 
     def close(name, got, want, scale):
         torch.testing.assert_close(got.detach().double().cpu(), want.detach(), rtol=f32, atol=f32 * scale,
-                                   msg=lambda m: f"{name} ({backend}, {dtype}): {m}")
+                                   equal_nan=equal_nan, msg=lambda m: f"{name} ({backend}, {dtype}): {m}")
 
-    lp_scale = max(1.0, float(ref_out.logprobs.abs().max())) if ref_out.logprobs.numel() else 1.0
-    close("loss", out.loss.detach(), ref_out.loss, max(1.0, float(ref_out.loss.detach().abs())))
+    def largest(x):  # of the finite values
+        x = x.detach()[x.detach().isfinite()]
+        return float(x.abs().max()) if x.numel() else 0.0
+
+    lp_scale = max(1.0, largest(ref_out.logprobs))
+    close("loss", out.loss.detach(), ref_out.loss, max(1.0, largest(ref_out.loss)))
     close("logprobs", out.logprobs, ref_out.logprobs, lp_scale)
     assert (out.entropy is None) == (ref_out.entropy is None)
     if out.entropy is not None:
@@ -94,9 +100,9 @@ def assert_matches_reference(batch, backend, **options):
     assert out.metrics.keys() == ref_out.metrics.keys()
     for name, value in ref_out.metrics.items():
         close(f"metric {name}", out.metrics[name], value, lp_scale)
-    gmax = float(ref_grad.abs().max()) if ref_grad.numel() else 0.0
+    gmax = largest(ref_grad)
     torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=ROUNDING[dtype] + f32,
-                               atol=SMALLEST[dtype] + f32 * gmax,
+                               atol=SMALLEST[dtype] + f32 * gmax, equal_nan=equal_nan,
                                msg=lambda m: f"logits gradient ({backend}, {dtype}): {m}")
     # rows that are not scored get exact zeros
     unscored = ~batch["loss_mask"].cpu() if batch.get("loss_mask") is not None else None
