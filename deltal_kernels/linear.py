@@ -1,0 +1,336 @@
+"""The fused LM head: the policy loss from hidden states and the LM-head weight, no [N, V] logits.
+
+``linear_policy_loss(hidden, weight, ...)`` is ``policy_loss(hidden @ weight.T + bias, ...)``
+computed chunk by chunk over the scored rows. The aggregation weights are known before the
+forward (they depend on the mask and lengths only), so the gradient of every chunk is final as
+soon as the chunk is reduced: one pass, no recompute, per chunk of C scored rows
+
+    logits  = hidden_c @ weight.T (+ bias)          [C, V], input dtype, fp32 accumulation (torch)
+    backend.forward_grad_rows(logits, ..., out=logits)   forward terms and dL/dlogits in place
+    grad_hidden_c  = dlogits @ weight                [C, H]
+    grad_weight   += dlogits.T @ hidden_c            [V, H], float32 accumulator (or weight.grad)
+    grad_bias     += dlogits.sum(0)                  [V],    float32
+
+(backends without ``forward_grad_rows``, i.e. ``torch``, run ``forward_rows`` then ``grad_rows``
+into the same chunk). Unscored rows are gathered out first and never enter a matmul. The chunk
+buffer [C, V] is the only V-sized temporary; C comes from ``chunk_rows`` or a byte budget.
+
+The forward computes the gradients of the loss itself (seed 1); the backward multiplies them by
+the incoming d_loss in float32 on the device (no host sync). Gradients are first order: a
+``create_graph=True`` backward through the op raises.
+
+``validation.prepare`` checks every argument; it is handed a data-less stand-in for the logits
+(``_LogitsShape``: the right shape, dtype and device, no storage), so the same checks and row view
+serve both ops without an [N, V] allocation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ._checks import describe
+from .dispatch import _load, resolve_backend, weighted_sum
+from .output import PolicyLossOutput, token_means
+from .validation import LOGITS_DTYPES, prepare
+
+# default byte budget of the [C, V] chunk buffer, per device type
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+DEFAULT_CHUNK_BYTES = 256 << 20
+
+
+class _LogitsShape(torch.Tensor):
+    """A storage-less tensor with the logits' shape, dtype and device, for ``validation.prepare``.
+
+    Only its metadata may be read; any op on it is a bug and raises.
+    """
+
+    @staticmethod
+    def __new__(cls, N: int, V: int, dtype: torch.dtype, device: torch.device):
+        return torch.Tensor._make_wrapper_subclass(cls, (N, V), dtype=dtype, device=device)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"deltal_kernels internal error: {func} on the logits stand-in, which holds no data")
+
+
+def check_linear(hidden, weight, bias):
+    """Check hidden [N, H], weight [V, H] and bias [V] (names in every error); returns (N, H, V)."""
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden: expected a tensor [N, H], got {describe(hidden)}")
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected shape [N, H], got {describe(hidden)}")
+    if hidden.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"hidden: expected float32, float16, bfloat16 or float64, got {hidden.dtype}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a tensor [V, H], got {describe(weight)}")
+    N, H = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight: expected shape [V, H={H}] (nn.Linear layout), got {describe(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected the hidden states' dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: expected a tensor on {hidden.device} (the hidden states' device), "
+                         f"got one on {weight.device}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight: the vocabulary dimension V is 0")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected None or a tensor [V], got {describe(bias)}")
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias: expected shape [V]=({V},), got {describe(bias)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias: expected the hidden states' dtype {hidden.dtype}, got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias: expected a tensor on {hidden.device}, got one on {bias.device}")
+    return N, H, V
+
+
+def resolve_chunk_rows(chunk_rows, V: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: ``chunk_rows`` if given, else the device's byte budget over one row of logits."""
+    if chunk_rows is None:
+        budget = CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES)
+        rows = budget // (V * torch.empty((), dtype=dtype).element_size())
+        return max(8, rows - rows % 8) if rows >= 8 else max(1, rows)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows: expected None or a positive int, got {chunk_rows!r}")
+    return chunk_rows
+
+
+def check_backend(backend, device, dtype, arg="hidden") -> str:
+    name = resolve_backend(backend, device)
+    if name != "torch" and dtype == torch.float64:
+        raise TypeError(f"{arg}: backend {name!r} takes float32, float16 or bfloat16; float64 runs on backend='torch'")
+    return name
+
+
+def chunk_logits(hidden_c, weight, bias, out):
+    """out[:C] = hidden_c @ weight.T (+ bias): the input dtype, fp32 accumulation inside torch's matmul."""
+    if bias is None:
+        return torch.mm(hidden_c, weight.t(), out=out)
+    return torch.addmm(bias, hidden_c, weight.t(), out=out)
+
+
+def _add_weight_grad(acc, dlogits, hidden_c, block_rows):
+    """acc[V, H] += dlogits.T @ hidden_c. A float32 accumulator of half inputs takes the product in
+    V-blocks so the half-precision temporary stays [block_rows, H]."""
+    if acc.dtype == dlogits.dtype:
+        acc.addmm_(dlogits.t(), hidden_c)
+        return
+    V = acc.shape[0]
+    for v0 in range(0, V, block_rows):
+        v1 = min(V, v0 + block_rows)
+        acc[v0:v1] += torch.mm(dlogits[:, v0:v1].t(), hidden_c).to(acc.dtype)
+
+
+class _Prepared:
+    """Everything the chunk loop needs, computed once by ``linear_policy_loss``."""
+
+    def __init__(self, batch, name, chunk_rows, need_grads, accumulate):
+        self.b = batch
+        self.backend = name
+        self.chunk_rows = chunk_rows
+        self.need_hidden, self.need_weight, self.need_bias = need_grads
+        self.accumulate = accumulate
+
+
+def _run_chunks(hidden, weight, bias, prep: _Prepared):
+    """The chunk loop. Returns the [N] row outputs and the gradients of the loss (seed 1) that were asked for."""
+    b = prep.b
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev, dtype = hidden.device, hidden.dtype
+    cd = b.old_logprobs.dtype
+    module = _load(prep.backend)
+    fused = hasattr(module, "forward_grad_rows")
+    want_grad = prep.need_hidden or prep.need_weight or prep.need_bias
+    p = b.params
+
+    logp = torch.zeros(N, dtype=cd, device=dev)
+    entropy = torch.zeros_like(logp)
+    loss_rows = torch.zeros_like(logp)
+    kl = torch.zeros_like(logp)
+    flags = torch.zeros(N, dtype=torch.uint8, device=dev)
+
+    grad_hidden = torch.zeros_like(hidden) if prep.need_hidden else None
+    if prep.need_weight:
+        if prep.accumulate:
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            grad_weight = weight.grad
+        else:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(dtype, torch.float32), device=dev)
+    else:
+        grad_weight = None
+    grad_bias = torch.zeros(V, dtype=torch.promote_types(dtype, torch.float32), device=dev) if prep.need_bias else None
+
+    rows = b.scored.nonzero().squeeze(1)  # unscored rows never enter a matmul
+    R = rows.numel()
+    all_scored = R == N
+    C = min(prep.chunk_rows, max(R, 1))
+    buffer = torch.empty((C, V), dtype=dtype, device=dev) if R else None
+    block_rows = max(1, min(V, (C * V) // (4 * max(H, 1))))  # half-precision dW temporaries <= 1/4 of the buffer
+    weight_d = weight.detach()
+    bias_d = None if bias is None else bias.detach()
+    hidden_d = hidden.detach()
+
+    for start in range(0, R, C):
+        end = min(R, start + C)
+        c = end - start
+        if all_scored:
+            idx = None
+            hid = hidden_d[start:end]
+            sl = slice(start, end)
+        else:
+            idx = rows[start:end]
+            hid = hidden_d.index_select(0, idx)
+            sl = idx
+        logits = chunk_logits(hid, weight_d, bias_d, buffer[:c])
+        targets = b.targets[sl]
+        scored = b.scored[sl]
+        old, adv = b.old_logprobs[sl], b.advantages[sl]
+        ref = None if b.ref_logprobs is None else b.ref_logprobs[sl]
+        if want_grad and fused:
+            lp, ent, _, lr, _, k, fl = module.forward_grad_rows(
+                logits, targets, scored, old, ref, adv, p, b.need_entropy, b.row_weights[sl], 1.0, logits)
+        else:
+            lp, ent, lse, lr, dlogp, k, fl = module.forward_rows(logits, targets, scored, old, ref, adv, p,
+                                                                 b.need_entropy)
+            if want_grad:
+                w = b.row_weights[sl]
+                module.grad_rows(logits, targets, lse, ent, w * dlogp, w * -p.entropy_coef, p.temperature, logits)
+        for full, part in ((logp, lp), (entropy, ent), (loss_rows, lr), (kl, k), (flags, fl)):
+            full[sl] = part
+        if not want_grad:
+            continue
+        dlogits = logits  # the chunk now holds dL/dlogits (unweighted rows are exact zeros)
+        if prep.need_hidden:
+            if idx is None:
+                torch.mm(dlogits, weight_d, out=grad_hidden[sl])
+            else:
+                grad_hidden.index_copy_(0, idx, torch.mm(dlogits, weight_d))
+        if prep.need_weight:
+            _add_weight_grad(grad_weight, dlogits, hid, block_rows)
+        if prep.need_bias:
+            grad_bias += dlogits.sum(0, dtype=grad_bias.dtype)
+
+    if prep.accumulate:  # already in weight.grad
+        grad_weight = None
+    return (logp, entropy, loss_rows, kl, flags), (grad_hidden, grad_weight, grad_bias)
+
+
+def _scaled(grad: Optional[torch.Tensor], d_loss: torch.Tensor, out_dtype: torch.dtype, rows_per_step: int):
+    """grad * d_loss computed in float32 (float64 for float64), in ``out_dtype``, with no host sync.
+
+    Out of place: the saved gradient stays valid for another backward through the same graph
+    (retain_graph=True, gradcheck); it is freed with the graph's saved tensors after the last one.
+    """
+    if grad is None:
+        return None
+    scale = d_loss.to(torch.promote_types(grad.dtype, torch.float32))
+    if grad.dtype == scale.dtype:
+        return (grad * scale).to(out_dtype)
+    out = torch.empty_like(grad, dtype=out_dtype)
+    for s in range(0, grad.shape[0], rows_per_step):  # half precision: through float32 a block of rows at a time
+        out[s:s + rows_per_step] = grad[s:s + rows_per_step].to(scale.dtype) * scale
+    return out
+
+
+class _LinearPolicyLossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, prep):
+        (logp, entropy, loss_rows, kl, flags), grads = _run_chunks(hidden, weight, bias, prep)
+        loss = weighted_sum(prep.b.row_weights, loss_rows)
+        ctx.mark_non_differentiable(logp, entropy, kl, flags)
+        ctx.set_materialize_grads(False)
+        # the gradients are intermediates of this op: saved so that autograd frees them after backward
+        ctx.present = tuple(g is not None for g in grads)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.accumulate = prep.accumulate
+        ctx.rows_per_step = max(1, (16 << 20) // (4 * max(hidden.shape[1], 1)))
+        return loss, logp, entropy, kl, flags
+
+    @staticmethod
+    def backward(ctx, d_loss, *_):
+        if torch.is_grad_enabled():
+            raise RuntimeError("linear_policy_loss: double backward is not supported (its gradients are first "
+                               "order); call backward without create_graph=True")
+        return _LinearPolicyLossFn._first_order(ctx, d_loss)
+
+    @staticmethod
+    @once_differentiable
+    def _first_order(ctx, d_loss):
+        saved = iter(ctx.saved_tensors)
+        grad_hidden, grad_weight, grad_bias = (next(saved) if present else None for present in ctx.present)
+        if d_loss is None:
+            return None, None, None, None
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        gh = _scaled(grad_hidden, d_loss, h_dtype, ctx.rows_per_step)
+        gb = _scaled(grad_bias, d_loss, b_dtype, ctx.rows_per_step) if grad_bias is not None else None
+        if ctx.accumulate:
+            # already added to weight.grad for a seed of 1: the loss must not have been scaled
+            torch._assert_async(d_loss == 1, "linear_policy_loss(accumulate_weight_grad=True): the loss was "
+                                             "scaled before backward; scale through weights= instead")
+            gw = None
+        else:
+            gw = _scaled(grad_weight, d_loss, w_dtype, ctx.rows_per_step)
+        return gh, gw, gb, None
+
+
+def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seqlens, *, bias=None, loss_mask=None,
+                       ref_logprobs=None, weights=None, agg="delta-l", alpha=1.0, max_len=None, clip_low=0.2,
+                       clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=1.0,
+                       with_entropy=False, inplace_backward=False, backend="auto", chunk_rows=None,
+                       accumulate_weight_grad=False) -> PolicyLossOutput:
+    """``policy_loss(hidden @ weight.T + bias, ...)`` without the [N, V] logits (SPEC section 2.1).
+
+    hidden [N, H] and weight [V, H] (nn.Linear layout), bias [V] or None, all one dtype (float32,
+    float16, bfloat16; float64 on backend="torch") and device; the other arguments and options are
+    those of ``policy_loss``. ``loss`` is differentiable w.r.t. hidden, weight and bias.
+
+    chunk_rows: scored rows per chunk (default: a byte budget of the [chunk_rows, V] buffer, 64 MiB
+    on CPU, 1 GiB on CUDA). ``inplace_backward`` is accepted for signature parity and has no effect:
+    every chunk's gradient is written into the chunk itself. accumulate_weight_grad=True adds the
+    weight's gradient straight into ``weight.grad`` (a leaf) during the forward instead of holding a
+    float32 [V, H] accumulator; the loss must then be backpropagated unscaled (d_loss == 1, checked
+    on the device).
+    """
+    N, H, V = check_linear(hidden, weight, bias)
+    stand_in = _LogitsShape(N, V, hidden.dtype, hidden.device)
+    b = prepare(stand_in, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
+                ref_logprobs=ref_logprobs, weights=weights, agg=agg, alpha=alpha, max_len=max_len,
+                clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type,
+                entropy_coef=entropy_coef, temperature=temperature, with_entropy=with_entropy)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
+    if not isinstance(accumulate_weight_grad, bool):
+        raise TypeError(f"accumulate_weight_grad: expected a bool, got {accumulate_weight_grad!r}")
+    name = check_backend(backend, hidden.device, hidden.dtype)
+    C = resolve_chunk_rows(chunk_rows, V, hidden.dtype, hidden.device)
+
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad)
+    if accumulate_weight_grad and need[1] and not weight.is_leaf:
+        raise ValueError("weight: accumulate_weight_grad=True needs a leaf weight (its .grad is accumulated into)")
+    prep = _Prepared(b, name, C, need, accumulate_weight_grad and need[1])
+    if any(need):
+        loss, logp, entropy, kl, flags = _LinearPolicyLossFn.apply(hidden, weight, bias, prep)
+    else:
+        (logp, entropy, loss_rows, kl, flags), _ = _run_chunks(hidden, weight, bias, prep)
+        loss = weighted_sum(b.row_weights, loss_rows)
+
+    dtype = logp.dtype
+    metrics = token_means(
+        b.scored,
+        clipfrac=(flags & 1).to(dtype),
+        clipfrac_lower=((flags & 2) != 0).to(dtype),
+        approx_kl=b.old_logprobs - logp,
+        kl=kl if b.ref_logprobs is not None else None,
+        entropy=entropy if b.need_entropy else None,
+    )
+    return PolicyLossOutput(loss=loss, logprobs=logp.detach(), entropy=entropy.detach() if b.need_entropy else None,
+                            metrics=metrics)

@@ -1,0 +1,93 @@
+"""Forward-only per-token log-probs (and entropy) for the old and reference policies.
+
+``token_logprobs(logits, targets)`` and ``linear_token_logprobs(hidden, weight, targets)`` return
+(logprobs [N], entropy [N] or None) in float32 (float64 for float64 inputs on backend="torch"),
+0 on rows outside ``loss_mask``, with no [N, V] allocation: the backend's forward row kernel reads
+the logits once, and the linear form builds them one chunk of rows at a time.
+
+Batch invariance: the same row gives the same bits alone or in any batch, whatever the chunking.
+The row kernels reduce each row on its own (no cross-row reduction), and the linear form computes
+every chunk's logits with a matmul of one fixed shape, [chunk_rows, H] @ [H, V] (the last chunk is
+padded with zero rows), so the GEMM a row goes through does not depend on N, on the row's position
+or on the mask. ``chunk_rows`` (default: from a byte budget that depends on V and the dtype only)
+is part of that shape: the same value gives the same bits.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import _load
+from .linear import _LogitsShape, check_backend, check_linear, chunk_logits, resolve_chunk_rows
+from .validation import prepare
+
+
+def _prepare(logits, targets, temperature, with_entropy, loss_mask):
+    """validation.prepare's checks of the arguments these functions share (logits may be a stand-in)."""
+    N = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else 0
+    dev = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
+    zeros = torch.zeros(N, dtype=torch.float32, device=dev)
+    cu = torch.tensor([0, N], dtype=torch.int64, device=dev)
+    return prepare(logits, targets, zeros, zeros, cu, loss_mask=loss_mask, ref_logprobs=None, weights=None,
+                   agg="token-mean", alpha=1.0, max_len=None, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                   kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=temperature, with_entropy=with_entropy)
+
+
+def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, loss_mask=None, backend="auto"):
+    """log_softmax(logits / temperature)[targets] per row, and the entropy when ``with_entropy``.
+
+    logits [N, V] (float32/float16/bfloat16; float64 on backend="torch"), targets [N] int, loss_mask
+    [N] (rows outside it get 0 and cost nothing). Returns (logprobs [N], entropy [N] or None),
+    detached, batch-invariant.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits: expected a tensor [N, V], got {type(logits).__name__}")
+    b = _prepare(logits, targets, temperature, with_entropy, loss_mask)
+    name = check_backend(backend, logits.device, logits.dtype, arg="logits")
+    with torch.no_grad():
+        logp, entropy, *_ = _load(name).forward_rows(b.logits.detach(), b.targets, b.scored, b.old_logprobs, None,
+                                                     b.advantages, b.params, b.need_entropy)
+    return logp, (entropy if with_entropy else None)
+
+
+def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, with_entropy=False, loss_mask=None,
+                          backend="auto", chunk_rows=None):
+    """``token_logprobs(hidden @ weight.T + bias, ...)`` one fixed-shape chunk of rows at a time.
+
+    hidden [N, H], weight [V, H] (nn.Linear layout), bias [V] or None. Rows outside ``loss_mask``
+    never enter the matmul. Returns (logprobs [N], entropy [N] or None), detached, batch-invariant
+    for a given ``chunk_rows`` (see the module docstring).
+    """
+    N, H, V = check_linear(hidden, weight, bias)
+    b = _prepare(_LogitsShape(N, V, hidden.dtype, hidden.device), targets, temperature, with_entropy, loss_mask)
+    name = check_backend(backend, hidden.device, hidden.dtype)
+    C = resolve_chunk_rows(chunk_rows, V, hidden.dtype, hidden.device)
+    module = _load(name)
+    dev, cd = hidden.device, b.old_logprobs.dtype
+    logp = torch.zeros(N, dtype=cd, device=dev)
+    entropy = torch.zeros_like(logp)
+    rows = b.scored.nonzero().squeeze(1)
+    R = rows.numel()
+    if R == 0:
+        return logp, (entropy if with_entropy else None)
+    with torch.no_grad():
+        hid = torch.zeros((C, H), dtype=hidden.dtype, device=dev)  # fixed shape: padded with zero rows
+        logits = torch.empty((C, V), dtype=hidden.dtype, device=dev)
+        tgt = torch.zeros(C, dtype=torch.int64, device=dev)
+        scored = torch.zeros(C, dtype=torch.bool, device=dev)
+        zero = torch.zeros(C, dtype=cd, device=dev)
+        weight_d = weight.detach()
+        bias_d = None if bias is None else bias.detach()
+        for start in range(0, R, C):
+            idx = rows[start:start + C]
+            c = idx.numel()
+            hid[:c] = hidden.detach().index_select(0, idx)
+            hid[c:] = 0
+            tgt[:c] = b.targets[idx]
+            tgt[c:] = 0
+            scored[:c] = True
+            scored[c:] = False  # padding rows do no V work
+            chunk_logits(hid, weight_d, bias_d, logits)
+            lp, ent, *_ = module.forward_rows(logits, tgt, scored, zero, None, zero, b.params, b.need_entropy)
+            logp[idx] = lp[:c]
+            entropy[idx] = ent[:c]
+    return logp, (entropy if with_entropy else None)
