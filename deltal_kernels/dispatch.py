@@ -52,11 +52,18 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch", "trit
 BACKEND_DEVICE = {"cuda": "cuda", "cpu": "cpu"}
 
 
+def constant_result(fn):
+    """torch.compiler.assume_constant_result without its import of torch._dynamo (~2 s at import time):
+    the mark it sets, which torch.compile reads when it meets ``fn`` (checked by test_api)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _load(name: str):
     return importlib.import_module(BACKEND_MODULES[name])
 
 
-@torch.compiler.assume_constant_result
+@constant_result
 def has_fused_gradient(name: str) -> bool:
     """Whether backend ``name`` can write the gradient in its forward launch."""
     return hasattr(_load(name), "forward_grad_rows")
@@ -89,7 +96,7 @@ def available_backends(device="cpu") -> list:
     return [name for name in order if unavailable_reason(name, device) is None]
 
 
-@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing, not in the graph
+@constant_result  # torch.compile runs it once while tracing, not in the graph
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend to run; asking for one that cannot run here is an error, never a fallback."""
     if not isinstance(backend, str):

@@ -61,3 +61,23 @@ def test_gradient_flows_only_to_logits():
     out = dk.policy_loss(logits, batch["targets"], old, adv, batch["cu_seqlens"], max_len=4)
     grads = torch.autograd.grad(out.loss, [logits, old, adv], allow_unused=True)
     assert grads[0] is not None and grads[1] is None and grads[2] is None
+
+
+def test_import_does_not_load_the_compiler():
+    """`import deltal_kernels` stays cheap: torch._dynamo (~2 s) loads only when something compiles."""
+    code = "import sys, deltal_kernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_constant_result_sets_what_torch_compile_reads():
+    from deltal_kernels.dispatch import constant_result
+
+    def ours():
+        return 0
+
+    def theirs():
+        return 0
+
+    torch.compiler.assume_constant_result(theirs)
+    assert constant_result(ours) is ours and vars(ours) == vars(theirs) == {"_dynamo_marked_constant": True}
