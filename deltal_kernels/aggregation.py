@@ -44,7 +44,7 @@ def check_agg_options(agg: str, alpha: float, max_len) -> str:
 
 def sequence_weights(lengths: torch.Tensor, agg: str = "delta-l", *, alpha: float = 1.0,
                      max_len: int | None = None, group=None, grad_reduction: str = "mean",
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     rollout_lengths: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Per-sequence weights w_i ([S] float32) of the aggregation ``agg`` (SPEC section 1).
 
     lengths: [S] integer tensor, the scored-token count L_i of each of this rank's sequences.
@@ -53,6 +53,12 @@ def sequence_weights(lengths: torch.Tensor, agg: str = "delta-l", *, alpha: floa
     weights are those of the formula over every rank's sequences. grad_reduction="mean" (DDP and
     FSDP average gradients over ranks) then multiplies the weights by the group's size; "sum" does
     not. Without a group there is no scaling. The arithmetic is float64; ``dtype`` is the result's.
+
+    rollout_lengths: [S_R] the scored-token counts of the whole rollout batch R that ``lengths`` (one
+    optimizer mini-batch k of it) was drawn from. The normaliser statistics are then R's, and the
+    weights are scaled by B_R / B_k (the counts of sequences with L_i > 0 in R and in k): the Delta-L
+    authors' scope, w_i = (B_R / B_k) L_i^-alpha / (M sum_{j in R} L_j^-alpha), where each mini-batch's
+    loss is divided by B_k M. With a group, R's statistics and B_k are all-reduced too.
     """
     name = check_agg_options(agg, alpha, max_len)
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1:
@@ -64,19 +70,36 @@ def sequence_weights(lengths: torch.Tensor, agg: str = "delta-l", *, alpha: floa
     if not torch.compiler.is_compiling() and bool((lengths < 0).any()):
         raise ValueError("lengths: expected non-negative lengths")
 
+    if rollout_lengths is not None:
+        if (not isinstance(rollout_lengths, torch.Tensor) or rollout_lengths.dim() != 1
+                or rollout_lengths.dtype.is_floating_point or rollout_lengths.dtype == torch.bool):
+            raise ValueError(f"rollout_lengths: expected a 1-D integer tensor, got {describe(rollout_lengths)}")
+        if rollout_lengths.device != lengths.device:
+            raise ValueError(f"rollout_lengths: expected a tensor on {lengths.device} (the lengths' device)")
+        if not torch.compiler.is_compiling() and bool((rollout_lengths < 0).any()):
+            raise ValueError("rollout_lengths: expected non-negative lengths")
+
     L = lengths.to(torch.float64)
     live = L > 0
     L_safe = torch.where(live, L, torch.ones_like(L))
     inv_pow = torch.where(live, L_safe.pow(-alpha), torch.zeros_like(L))
-    # the three normaliser statistics, all-reduced together as one tensor
-    stats = torch.stack([inv_pow.sum(), L.sum(), live.sum().to(torch.float64)])
+
+    def statistics(L):  # sum_j L_j^-alpha, sum_j L_j and G over the sequences with L_j > 0
+        return torch.stack([torch.where(L > 0, L.clamp(min=1).pow(-alpha), torch.zeros_like(L)).sum(), L.sum(),
+                            (L > 0).sum().to(torch.float64)])
+
+    # the normaliser statistics (and B_k for the rollout scope), all-reduced together as one tensor
+    stats = statistics(L if rollout_lengths is None else rollout_lengths.to(torch.float64))
+    stats = torch.cat([stats, live.sum().to(torch.float64)[None]])
     world = 1
     if group is not None:
         import torch.distributed as dist
 
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
         world = dist.get_world_size(group) if grad_reduction == "mean" else 1
-    sum_inv_pow, sum_len, num_live = stats.unbind()
+    sum_inv_pow, sum_len, num_live, num_live_k = stats.unbind()
+    if rollout_lengths is not None:  # B_R / B_k: one mini-batch's share of the rollout batch
+        world = world * num_live / torch.where(num_live_k > 0, num_live_k, torch.ones_like(num_live_k))
 
     def safe(x):  # a batch with no scored row: every weight is 0, never NaN
         return torch.where(x > 0, x, torch.ones_like(x))

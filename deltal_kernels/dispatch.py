@@ -187,6 +187,53 @@ torch.library.register_autograd("deltal_kernels::rows_forward", _backward, setup
 
 
 
+# ---- per-row statistics only: the objectives computed by an [N]-sized torch step in between ----
+#
+# logp_t and H_t as differentiable [N] tensors: any objective built from them with torch ops (GSPO's
+# sequence ratio, CISPO, rollout correction, separately weighted KL/entropy) gets dL/dlogp_t and
+# dL/dH_t from autograd, and the backward turns them into dL/dlogits with the gradient kernel.
+
+@torch.library.custom_op("deltal_kernels::rows_stats", mutates_args=())
+def rows_stats(backend: str, logits: Tensor, targets: Tensor, scored: Tensor, temperature: float,
+               need_entropy: bool, inplace_backward: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    zeros = torch.zeros(scored.shape, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    params = LossParams(0.0, 0.0, 0.0, 0.0, 0, 0.0, temperature)  # the loss columns are not used
+    logp, entropy, lse, *_ = _load(backend).forward_rows(logits, targets, scored, zeros, None, zeros, params,
+                                                         need_entropy)
+    return logp, entropy, lse
+
+
+@rows_stats.register_fake
+def _(backend, logits, targets, scored, temperature, need_entropy, inplace_backward):
+    row = lambda: torch.empty(scored.shape, dtype=torch.promote_types(logits.dtype, torch.float32),  # noqa: E731
+                              device=logits.device)
+    return row(), row(), row()
+
+
+def _stats_setup_context(ctx, inputs, output):
+    backend, logits, targets, _, temperature, _, inplace = inputs
+    logp, entropy, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(logits, targets, lse, entropy)
+    ctx.backend, ctx.temperature, ctx.inplace = backend, temperature, inplace
+
+
+def _stats_backward(ctx, d_logp, d_entropy, d_lse):
+    check_first_order()
+    logits, targets, lse, entropy = ctx.saved_tensors
+    g = d_logp if d_logp is not None else torch.zeros_like(lse)
+    h = d_entropy if d_entropy is not None else torch.zeros_like(lse)
+    if ctx.inplace:
+        rows_grad_(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
+        grad = logits
+    else:
+        grad = rows_grad(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
+    return None, grad, None, None, None, None, None
+
+
+torch.library.register_autograd("deltal_kernels::rows_stats", _stats_backward, setup_context=_stats_setup_context)
+
+
 # ---- the fused path: gradient written by the forward launch, handed to the first backward ----
 #
 # The forward writes dL/dlogits for a loss scale of 1 into a buffer the op owns. The first backward

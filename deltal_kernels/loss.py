@@ -5,29 +5,45 @@ import inspect
 
 import torch
 
-from .dispatch import has_fused_gradient, resolve_backend, rows_forward, rows_forward_fused, weighted_sum
+from .dispatch import has_fused_gradient, resolve_backend, rows_forward, rows_forward_fused, rows_stats, weighted_sum
 from .output import PolicyLossOutput, token_means
+from .reference import objective_terms
 from .validation import prepare
 
 
 def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask=None, ref_logprobs=None,
                 weights=None, agg="delta-l", alpha=1.0, max_len=None, clip_low=0.2, clip_high=0.2,
                 dual_clip=None, kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=1.0,
+                ratio_level="token", objective="ppo", rollout_logprobs=None, rollout_correction=None,
+                rollout_clip=(None, 3.0), kl_entropy_agg=None, kl_entropy_weights=None,
                 with_entropy=False, inplace_backward=False, backend="auto") -> PolicyLossOutput:
     """RLVR policy loss over packed ragged sequences, straight from the logits (SPEC sections 1-2).
 
     logits [N, V] (float32/float16/bfloat16; float64 on backend="torch"), targets [N], old_logprobs
     [N], advantages [N] per row or [S] per sequence (a length-N tensor is per row, also when
     N == S), cu_seqlens [S+1]. ``weights`` [S] overrides ``agg``: pass weights computed for the
-    whole optimizer batch (``sequence_weights``) to each micro-batch. Returns a
-    ``PolicyLossOutput`` whose ``loss`` is differentiable w.r.t. ``logits`` only.
+    whole optimizer batch (``sequence_weights``) to each micro-batch. ``ratio_level``, ``objective``,
+    ``rollout_*`` and ``kl_entropy_*`` choose GSPO's sequence ratio, CISPO, rollout correction and
+    separately aggregated KL/entropy terms (README, "Objectives"). Returns a ``PolicyLossOutput``
+    whose ``loss`` is differentiable w.r.t. ``logits`` only.
     """
     b, name = _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
                             ref_logprobs=ref_logprobs, weights=weights, agg=agg, alpha=alpha, max_len=max_len,
                             clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                             kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature,
+                            ratio_level=ratio_level, objective=objective, rollout_logprobs=rollout_logprobs,
+                            rollout_correction=rollout_correction, rollout_clip=rollout_clip,
+                            kl_entropy_agg=kl_entropy_agg, kl_entropy_weights=kl_entropy_weights,
                             with_entropy=with_entropy, inplace_backward=inplace_backward, backend=backend)
     p = b.params
+    if not b.objective.is_default:
+        # the kernels' statistics pass, the objective as [N]-sized torch ops (autograd gives dL/dlogp_t
+        # and dL/dH_t), then the gradient kernel: the two-pass schedule
+        logp, entropy, _ = rows_stats(name, b.logits, b.targets, b.scored, p.temperature, b.need_entropy,
+                                      inplace_backward)
+        loss, metrics = objective_terms(logp, entropy if b.need_entropy else None, b)
+        return PolicyLossOutput(loss=loss, logprobs=logp.detach(),
+                                entropy=entropy.detach() if b.need_entropy else None, metrics=metrics)
     if (logits.requires_grad and torch.is_grad_enabled() and not inplace_backward and has_fused_gradient(name)
             and not torch.compiler.is_compiling()):
         # the forward launch writes the gradient too: one read of the logits fewer. (Under torch.compile
@@ -75,7 +91,7 @@ def validate(logits, targets, old_logprobs, advantages, cu_seqlens, **options) -
     offsets, target range, finite advantages and weights, 0/1 mask) under torch.compile, where they
     would break the graph: a compiled training loop calls this once, eagerly, on a representative
     batch (or on every batch outside the compiled region). Takes policy_loss's arguments."""
-    unknown = set(options) - _OPTION_NAMES - {"loss_mask", "ref_logprobs", "weights"}
+    unknown = set(options) - _OPTION_NAMES - _TENSOR_OPTIONS
     if unknown:
         raise TypeError(f"validate: unknown options {sorted(unknown)}")
     defaults = {name: param.default for name, param in inspect.signature(policy_loss).parameters.items()
@@ -85,8 +101,9 @@ def validate(logits, targets, old_logprobs, advantages, cu_seqlens, **options) -
     _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, **{**defaults, **options})
 
 
+_TENSOR_OPTIONS = {"loss_mask", "ref_logprobs", "weights", "rollout_logprobs", "kl_entropy_weights"}
 _OPTION_NAMES = {name for name, param in inspect.signature(policy_loss).parameters.items()
-                 if param.kind is inspect.Parameter.KEYWORD_ONLY} - {"loss_mask", "ref_logprobs", "weights"}
+                 if param.kind is inspect.Parameter.KEYWORD_ONLY} - _TENSOR_OPTIONS
 
 
 class PolicyLoss(torch.nn.Module):
@@ -100,9 +117,10 @@ class PolicyLoss(torch.nn.Module):
         self.options = options
 
     def forward(self, logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask=None,
-                ref_logprobs=None, weights=None) -> PolicyLossOutput:
+                ref_logprobs=None, weights=None, rollout_logprobs=None, kl_entropy_weights=None) -> PolicyLossOutput:
         return policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
-                           ref_logprobs=ref_logprobs, weights=weights, **self.options)
+                           ref_logprobs=ref_logprobs, weights=weights, rollout_logprobs=rollout_logprobs,
+                           kl_entropy_weights=kl_entropy_weights, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

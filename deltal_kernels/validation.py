@@ -29,6 +29,27 @@ class LossParams(NamedTuple):
     temperature: float
 
 
+RATIO_LEVELS = ("token", "sequence")
+OBJECTIVES = ("ppo", "cispo")
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+class Objective(NamedTuple):
+    """The policy-term options beyond the per-row PPO term the kernels compute (issue 14)."""
+    ratio_level: str = "token"  # "token" | "sequence" (GSPO)
+    objective: str = "ppo"  # "ppo" | "cispo"
+    rollout_correction: Optional[str] = None  # one of ROLLOUT_CORRECTIONS
+    rollout_clip: tuple = (None, 3.0)  # (min, max), either may be None
+    kl_entropy_agg: Optional[str] = None  # canonical aggregation name, or None: the policy term's weights
+
+    @property
+    def is_default(self) -> bool:
+        """Token-level PPO, no rollout correction, KL and entropy weighted like the policy term: what the
+        kernels compute per row (and the fused schedule can finish in the forward)."""
+        return (self.ratio_level == "token" and self.objective == "ppo" and self.rollout_correction is None
+                and self.kl_entropy_agg is None)
+
+
 class Batch(NamedTuple):
     """A validated packed batch, seen row by row (unscored rows hold zeros in every row input)."""
     logits: torch.Tensor  # [N, V], contiguous, its own dtype
@@ -40,6 +61,11 @@ class Batch(NamedTuple):
     row_weights: torch.Tensor  # [N] compute dtype: w_i of the row's sequence, 0 where unscored
     params: LossParams
     need_entropy: bool
+    objective: Objective
+    cu_seqlens: torch.Tensor  # [S+1] int64, in a valid shape (see safe_offsets)
+    seq: torch.Tensor  # [N] int64: the sequence of each row
+    rollout_logprobs: Optional[torch.Tensor]  # [N] compute dtype (0 on unscored rows), or None
+    kl_entropy_row_weights: Optional[torch.Tensor]  # [N] compute dtype, or None: row_weights
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -74,9 +100,12 @@ def _is_finite_number(x) -> bool:
 
 
 def check_options(*, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature,
-                  has_ref: bool) -> LossParams:
+                  has_ref: bool, objective: str = "ppo") -> LossParams:
     """The scalar options, checked once for every backend (the kernels' own checks never differ)."""
-    if not is_number(clip_low) or not 0.0 <= clip_low < 1.0:
+    if objective == "cispo":  # clip_low = 1: no lower bound on the clipped weight (TRL's "cispo")
+        if not is_number(clip_low) or not 0.0 <= clip_low <= 1.0:
+            raise ValueError(f"clip_low: expected a number in [0, 1] (objective='cispo'), got {clip_low!r}")
+    elif not is_number(clip_low) or not 0.0 <= clip_low < 1.0:
         raise ValueError(f"clip_low: expected a number in [0, 1), got {clip_low!r}")
     if not _is_finite_number(clip_high) or not clip_high >= 0.0:
         raise ValueError(f"clip_high: expected a finite number >= 0, got {clip_high!r} (for no upper clip, "
@@ -96,6 +125,39 @@ def check_options(*, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_c
                          f"a finite float32 reciprocal), got {temperature!r}")
     return LossParams(float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef),
                       KL_TYPES[kl_type] if has_ref else 0, float(entropy_coef), float(temperature))
+
+
+def check_objective(*, ratio_level, objective, rollout_logprobs, rollout_correction, rollout_clip, kl_entropy_agg,
+                    kl_entropy_weights, dual_clip, alpha, max_len) -> Objective:
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level: expected one of {RATIO_LEVELS}, got {ratio_level!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if objective == "cispo" and dual_clip is not None:
+        raise ValueError("dual_clip: applies to objective='ppo' only (CISPO has no clipped branch to bound)")
+    if rollout_correction is not None and rollout_correction not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"rollout_correction: expected None or one of {ROLLOUT_CORRECTIONS}, got {rollout_correction!r}")
+    if (rollout_correction is None) != (rollout_logprobs is None):
+        raise ValueError("rollout_correction: rollout_logprobs and rollout_correction go together (got "
+                         f"rollout_correction={rollout_correction!r} with rollout_logprobs "
+                         f"{'given' if rollout_logprobs is not None else 'None'})")
+    if not isinstance(rollout_clip, (tuple, list)) or len(rollout_clip) != 2:
+        raise ValueError(f"rollout_clip: expected a pair (min, max), got {rollout_clip!r}")
+    lo, hi = rollout_clip
+    for bound in (lo, hi):
+        if bound is not None and (not _is_finite_number(bound) or bound < 0):
+            raise ValueError(f"rollout_clip: bounds must be None or finite numbers >= 0, got {rollout_clip!r}")
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"rollout_clip: min must not exceed max, got {rollout_clip!r}")
+    if rollout_correction is not None and lo is None and hi is None:
+        raise ValueError("rollout_clip: at least one bound is needed with a rollout correction")
+    if kl_entropy_agg is not None:
+        if kl_entropy_weights is not None:
+            raise ValueError("kl_entropy_weights: give kl_entropy_agg or kl_entropy_weights, not both")
+        kl_entropy_agg = check_agg_options(kl_entropy_agg, alpha, max_len)
+    return Objective(ratio_level, objective, rollout_correction,
+                     (None if lo is None else float(lo), None if hi is None else float(hi)),
+                     kl_entropy_agg if kl_entropy_weights is None else "weights")
 
 
 def check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights) -> None:
@@ -132,7 +194,9 @@ def safe_offsets(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
 
 def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask, ref_logprobs, weights,
             agg, alpha, max_len, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef,
-            temperature, with_entropy) -> Batch:
+            temperature, with_entropy, ratio_level="token", objective="ppo", rollout_logprobs=None,
+            rollout_correction=None, rollout_clip=(None, 3.0), kl_entropy_agg=None,
+            kl_entropy_weights=None) -> Batch:
     """Check every argument (SPEC section 3) and build the row-level view of the batch."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a tensor, got {describe(logits)}")
@@ -162,23 +226,35 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
         _check_tensor("weights", weights, shape=(S,), dtypes=_FLOATS, device=dev)
     else:
         check_agg_options(agg, alpha, max_len)
+    if rollout_logprobs is not None:
+        _check_tensor("rollout_logprobs", rollout_logprobs, shape=(N,), dtypes=_FLOATS, device=dev)
+    if kl_entropy_weights is not None:
+        _check_tensor("kl_entropy_weights", kl_entropy_weights, shape=(S,), dtypes=_FLOATS, device=dev)
+    obj = check_objective(ratio_level=ratio_level, objective=objective, rollout_logprobs=rollout_logprobs,
+                          rollout_correction=rollout_correction, rollout_clip=rollout_clip,
+                          kl_entropy_agg=kl_entropy_agg, kl_entropy_weights=kl_entropy_weights,
+                          dual_clip=dual_clip, alpha=alpha, max_len=max_len)
     params = check_options(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                            kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature,
-                           has_ref=ref_logprobs is not None)
+                           has_ref=ref_logprobs is not None, objective=objective)
     if not isinstance(with_entropy, bool):
         raise TypeError(f"with_entropy: expected a bool, got {with_entropy!r}")
 
     # value checks need the data; under torch.compile they would break the graph, so they run eagerly only
     if not torch.compiler.is_compiling():
         check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights)
+        if kl_entropy_weights is not None and not bool(kl_entropy_weights.isfinite().all()):
+            raise ValueError("kl_entropy_weights: contain NaN or inf")
     cu_seqlens = safe_offsets(cu_seqlens, N)
 
     cd = compute_dtype(logits)
     scored = torch.ones(N, dtype=torch.bool, device=dev) if loss_mask is None else loss_mask != 0
     seq = sequence_ids(cu_seqlens, N)
+    lengths = scored_lengths(cu_seqlens, scored)
     if weights is None:
-        weights = sequence_weights(scored_lengths(cu_seqlens, scored), agg, alpha=alpha, max_len=max_len,
-                                   dtype=cd)
+        weights = sequence_weights(lengths, agg, alpha=alpha, max_len=max_len, dtype=cd)
+    if obj.kl_entropy_agg not in (None, "weights"):
+        kl_entropy_weights = sequence_weights(lengths, obj.kl_entropy_agg, alpha=alpha, max_len=max_len, dtype=cd)
     adv = advantages if advantages.shape[0] == N else advantages[seq]
     zero = torch.zeros((), dtype=cd, device=dev)
 
@@ -195,4 +271,9 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
         row_weights=rows(weights[seq]),
         params=params,
         need_entropy=with_entropy or params.entropy_coef != 0.0,
+        objective=obj,
+        cu_seqlens=cu_seqlens,
+        seq=seq,
+        rollout_logprobs=None if rollout_logprobs is None else rows(rollout_logprobs),
+        kl_entropy_row_weights=None if kl_entropy_weights is None else rows(kl_entropy_weights[seq]),
     )
