@@ -200,7 +200,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={"bench": ["rich", "matplotlib"], "test": ["pytest", "hypothesis"],
                     "trl": ["trl"], "liger": ["liger-kernel"]},
-    entry_points={"console_scripts": ["deltal-bench = deltal_kernels.bench.cli:main"]},
+    entry_points={"console_scripts": ["deltal-bench = deltal_kernels.bench:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

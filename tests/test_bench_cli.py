@@ -46,3 +46,15 @@ def test_targets_say_met_missed_and_absent():
     gpu = evaluate([], "cuda", ["triton"], {"liger": "not installed"})
     assert {t.status for t in gpu if t.backend == "cuda"} == {"not measured: cuda not available"}
     assert {t.status for t in gpu if t.backend == "triton"} == {"not measured: triton not run at N=16384 V=151936 bf16"}
+
+
+def test_missing_bench_extra_is_one_line(tmp_path):
+    """Without rich (the bench extra) the console script says what to install, not a traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['rich'] = None; import deltal_kernels.bench as b; "
+            "raise SystemExit(b.main(['--help']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == 'deltal-bench: rich not installed; pip install "deltal-kernels[bench]"'
