@@ -322,3 +322,39 @@ def test_two_training_steps_log_what_trl_logs(model_dir, tmp_path):
         for name in ("loss", "grad_norm", "entropy", "clip_ratio/region_mean"):
             # float32 throughout (TRL's chunked log-probs vs dk's kernels), one update in between
             assert g[name] == pytest.approx(e[name], rel=1e-5, abs=1e-7), name
+
+
+class HeadCalls:
+    """Records how many rows of logits every lm_head call projects (its output's numel / V)."""
+
+    def __init__(self, head):
+        self.rows = []
+        self.handle = head.register_forward_hook(lambda m, i, out: self.rows.append(out.numel() // out.shape[-1]))
+
+
+@pytest.mark.parametrize("with_old", [True, False], ids=["off-policy", "on-policy"])
+def test_fused_lm_head_is_the_default_and_equals_the_materialised_logits(pair, with_old):
+    """dk_fused_lm_head (default True): the loss from the last hidden state and lm_head, with lm_head
+    projecting one position per sequence only; loss and every gradient equal the logits path's."""
+    _, ours = pair
+    ours.loss_type = "dapo"
+    assert ours.dk_fused_lm_head and ours.args.dk_fused_lm_head
+    inputs = micro_batch(ours.model, seed=16, with_old=with_old, with_ref=ours.beta != 0)
+    calls = HeadCalls(ours.model.get_output_embeddings())
+    try:
+        fused = loss_and_grads(ours, inputs)
+        B = inputs["prompt_ids"].shape[0]
+        # one position per sequence (the model's own, and the first call's check of lm_head): no [B, K, V] logits
+        assert calls.rows and all(r == B for r in calls.rows) and ours._dk_head_checked is True
+        ours.dk_fused_lm_head = False
+        calls.rows.clear()
+        materialised = loss_and_grads(ours, inputs)
+        assert calls.rows == [B * (K + 1)]
+    finally:
+        ours.dk_fused_lm_head = True
+        calls.handle.remove()
+    # float64 model, float64 arithmetic on both paths: equal to float64 rounding of the reordered sums
+    torch.testing.assert_close(fused[0], materialised[0], rtol=1e-12, atol=1e-15)
+    assert fused[1].keys() == materialised[1].keys() and "lm_head.weight" in fused[1]
+    for name, g in materialised[1].items():
+        torch.testing.assert_close(fused[1][name], g, rtol=1e-10, atol=1e-12 * g.abs().max().item(), msg=name)

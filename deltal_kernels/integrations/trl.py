@@ -39,8 +39,14 @@ Differences from TRL's own loss, by construction:
   sampling, ``off_policy_mask_threshold``, ``top_entropy_quantile < 1``, vLLM importance-sampling
   correction, ``use_bias_correction_kl`` with ``beta != 0``, MoE auxiliary loss, image inputs.
 
-Memory: the model's own forward materialises the padded completion logits [B, K, V] (TRL's default
-fused LM head does not); dk adds the packed copy and its gradient, and no other [N, V] tensor.
+Memory: by default (``dk_fused_lm_head=True``) the loss is computed from the model's last hidden
+state and its ``lm_head`` with ``dk.linear_policy_loss``: no [B, K, V] or [N, V] logits, only one
+chunk of scored rows at a time (the model is called with ``logits_to_keep=1`` and
+``output_hidden_states=True``). It is used when the model exposes a plain ``nn.Linear`` output
+embedding, has no logit soft-capping or logit scale, and its last hidden state reproduces its own
+logits (checked on the first call, on the one position the model still projects); otherwise, or
+with ``dk_fused_lm_head=False``, the padded completion logits [B, K, V] are materialised and
+``dk.policy_loss`` runs on their packed copy.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
 from ..aggregation import sequence_weights
+from ..linear import linear_policy_loss
 from ..loss import policy_loss
 from ..packing import pack, unpack
 
@@ -74,6 +81,9 @@ class DeltaLGRPOConfig(GRPOConfig):
     use_bias_correction_kl: bool = field(default=False, metadata={
         "help": "Not supported with beta != 0 (the KL term is k3 alone)."})
     dk_backend: str = field(default="auto", metadata={"help": "deltal_kernels backend for policy_loss."})
+    dk_fused_lm_head: bool = field(default=True, metadata={
+        "help": "Compute the loss from the last hidden state and lm_head (dk.linear_policy_loss, no logits) when "
+                "the model allows it; False materialises the completion logits."})
 
 
 def check_supported(args) -> None:
@@ -112,6 +122,8 @@ class DeltaLGRPOTrainer(GRPOTrainer):
             raise ValueError("router_aux_loss_coef: the MoE auxiliary loss is not supported by DeltaLGRPOTrainer")
         self.delta_l_alpha = getattr(self.args, "delta_l_alpha", 1.0)
         self.dk_backend = getattr(self.args, "dk_backend", "auto")
+        self.dk_fused_lm_head = getattr(self.args, "dk_fused_lm_head", True)
+        self._dk_head_checked = None  # None: not yet checked on a forward; then True/False
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
@@ -157,36 +169,95 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         K = completion_ids.size(1)
         scored = _scored_mask(inputs).bool()
 
-        # the model's own (unfused) forward; position j of the last K+1 predicts token j+1
-        with self.accelerator.autocast():
-            logits = model(input_ids=torch.cat([prompt_ids, completion_ids], 1),
-                           attention_mask=torch.cat([prompt_mask, completion_mask], 1),
-                           logits_to_keep=K + 1, use_cache=False).logits[:, :-1]
-        rows, cu_seqlens = pack(logits, scored)
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        attention = torch.cat([prompt_mask, completion_mask], 1)
+        advantages = inputs["advantages"]
+        advantages = advantages[:, None].expand_as(scored) if advantages.dim() == 1 else advantages
+        weights = self._sequence_weights(inputs, scored.sum(1), mode)
+        opts = dict(clip_low=self.epsilon_low, clip_high=self.epsilon_high, dual_clip=self.args.delta,
+                    temperature=self.temperature, backend=self.dk_backend)
 
         def packed(x):
             return pack(x, scored).values
 
-        advantages = inputs["advantages"]
-        advantages = advantages[:, None].expand_as(scored) if advantages.dim() == 1 else advantages
         targets = packed(completion_ids)
-        weights = self._sequence_weights(inputs, scored.sum(1), mode).to(rows.device)
-        opts = dict(clip_low=self.epsilon_low, clip_high=self.epsilon_high, dual_clip=self.args.delta,
-                    temperature=self.temperature, backend=self.dk_backend)
+        head = self._dk_lm_head(model)
+        if head is not None:
+            # the last hidden state and lm_head: no logits beyond the one position the model still projects
+            with self.accelerator.autocast():
+                outputs = model(input_ids=ids, attention_mask=attention, logits_to_keep=1, use_cache=False,
+                                output_hidden_states=True)
+            last = outputs.hidden_states[-1]
+            head = self._dk_check_head(head, last[:, -1], outputs.logits[:, -1])
+        if head is not None:
+            rows, cu_seqlens = pack(last[:, -(K + 1):-1], scored)
+            weight, bias = head.weight, head.bias
+            if torch.is_autocast_enabled(rows.device.type):  # the dtype autocast would run lm_head in
+                dtype = torch.get_autocast_dtype(rows.device.type)
+            else:
+                dtype = torch.promote_types(rows.dtype, weight.dtype)
+            rows, weight = rows.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+
+            def loss_call(old, adv, w, **kw):
+                return linear_policy_loss(rows, weight, targets, old, adv, cu_seqlens, bias=bias, weights=w, **kw)
+        else:
+            # the model's own (unfused) forward; position j of the last K+1 predicts token j+1
+            with self.accelerator.autocast():
+                logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=K + 1,
+                               use_cache=False).logits[:, :-1]
+            rows, cu_seqlens = pack(logits, scored)
+
+            def loss_call(old, adv, w, **kw):
+                return policy_loss(rows, targets, old, adv, cu_seqlens, weights=w, **kw)
+
+        weights = weights.to(rows.device)
         if "old_per_token_logps" in inputs:
             old = packed(inputs["old_per_token_logps"])
-        else:  # on-policy, as in TRL: the old log-probs are the current ones, detached
+        else:  # on-policy, as in TRL: the old log-probs are the current ones (the same computation), detached
             with torch.no_grad():
                 zeros = weights.new_zeros(weights.shape)
-                old = policy_loss(rows, targets, torch.zeros_like(targets, dtype=torch.float32), zeros, cu_seqlens,
-                                  weights=zeros, **opts).logprobs
+                old = loss_call(torch.zeros_like(targets, dtype=torch.float32), zeros, zeros, **opts).logprobs
         ref = packed(inputs["ref_per_token_logps"]) if self.beta != 0.0 else None
-        out = policy_loss(rows, targets, old, packed(advantages), cu_seqlens, ref_logprobs=ref, weights=weights,
-                          kl_coef=self.beta, kl_type="k3", entropy_coef=self.entropy_coef, with_entropy=True,
-                          **opts)
+        out = loss_call(old, packed(advantages), weights, ref_logprobs=ref, kl_coef=self.beta, kl_type="k3",
+                        entropy_coef=self.entropy_coef, with_entropy=True, **opts)
         self._log_like_trl(mode, scored, advantages, unpack(out.logprobs, scored), unpack(old, scored),
                            unpack(out.entropy, scored), None if ref is None else unpack(ref, scored))
         return out.loss
+
+    def _dk_lm_head(self, model):
+        """The model's lm_head when the fused path can replace its logits, else None (see the module docstring)."""
+        if not self.dk_fused_lm_head or self._dk_head_checked is False:
+            return None
+        unwrapped = self.accelerator.unwrap_model(model)
+        if getattr(self.accelerator, "is_fsdp2", False) or type(unwrapped).__name__.startswith("FullyShardedData"):
+            return None  # sharded parameters: lm_head.weight is not the whole matrix outside the forward
+        get = getattr(unwrapped, "get_output_embeddings", None)
+        head = get() if get is not None else None
+        if type(head) is not torch.nn.Linear:
+            return None
+        config = unwrapped.config.get_text_config() if hasattr(unwrapped.config, "get_text_config") else unwrapped.config
+        for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling"):
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                return None  # the model changes its logits after lm_head
+        return head
+
+    def _dk_check_head(self, head, last_hidden, logits):
+        """On the first call: does lm_head(last hidden state) give the model's logits? Else never fuse."""
+        if self._dk_head_checked is None:
+            with torch.no_grad():
+                mine = head(last_hidden.to(head.weight.dtype)).to(torch.float32)
+                theirs = logits.to(torch.float32)
+                scale = float(theirs.abs().max()) if theirs.numel() else 0.0
+                tol = 1e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-5
+                self._dk_head_checked = bool(((mine - theirs).abs() <= tol * (1.0 + scale)).all())
+            if not self._dk_head_checked:
+                import warnings
+
+                warnings.warn("dk_fused_lm_head: lm_head(last hidden state) does not reproduce this model's logits; "
+                              "DeltaLGRPOTrainer materialises the logits instead", stacklevel=2)
+        return head if self._dk_head_checked else None
 
     def _log_like_trl(self, mode, mask, advantages, logps, old, entropies, ref):
         """TRL's metrics (entropy, kl, clip_ratio/*), computed as GRPOTrainer._compute_loss does."""
