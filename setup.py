@@ -8,6 +8,8 @@ The compiled extension ``deltal_kernels._C`` (csrc/, torch.utils.cpp_extension +
   torch.version.cuda; DELTAL_KERNELS_NO_CUDA=1 skips them. Architectures: TORCH_CUDA_ARCH_LIST,
   default "8.0;9.0+PTX" (sm_80 and sm_90 machine code, plus sm_90 PTX for newer GPUs).
 Once a compiler was found, a failing compile is an install error, never a silent skip.
+Extra flags for the C++ sources (e.g. AddressSanitizer, `make test-asan`): DELTAL_KERNELS_CXXFLAGS
+(compile) and DELTAL_KERNELS_LDFLAGS (link), whitespace-separated.
 Sources: every csrc/*.cpp, csrc/cpu/*.cpp and (with CUDA) csrc/cuda/*.cu; CMakeLists.txt globs the same.
 """
 import glob
@@ -156,8 +158,14 @@ def extension_build():
 
     include = [str(ROOT / "csrc" / "include")]
     cxx_flags = ["-O3", "-Wall"] if os.name != "nt" else ["/O2"]
+    extra_cxx = os.environ.get("DELTAL_KERNELS_CXXFLAGS", "").split()
+    link_flags = os.environ.get("DELTAL_KERNELS_LDFLAGS", "").split()
+    cxx_flags += extra_cxx
+    if extra_cxx or link_flags:
+        log(f"extra C++ flags: compile {' '.join(extra_cxx) or '-'}, link {' '.join(link_flags) or '-'}")
     macros = [("DK_VERSION", f'"{VERSION}"')]
     cpp_sources = sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    log("sources: " + ", ".join(cpp_sources + (sources("csrc/cuda/*.cu") if cuda_home is not None else [])))
     if cuda_home is not None:
         log(f"CUDA architectures: {os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension(
@@ -166,13 +174,14 @@ def extension_build():
             include_dirs=include,
             define_macros=macros + [("DK_WITH_CUDA", None)]
             + ([("DK_CUDA_PTX", None)] if "PTX" in os.environ["TORCH_CUDA_ARCH_LIST"].upper() else []),
+            extra_link_args=link_flags,
             extra_compile_args={"cxx": cxx_flags,
                                 "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-Wall",
                                          "-Werror=all-warnings"]},
         )
     else:
         ext = CppExtension("deltal_kernels._C", cpp_sources, include_dirs=include, define_macros=macros,
-                           extra_compile_args={"cxx": cxx_flags})
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     class BuildExt(BuildExtension):
         """An editable install (pip install -e, make install) compiles in a fixed build/ folder
         instead of a fresh temporary one, so ninja rebuilds only what changed."""
@@ -195,9 +204,11 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
+    # what is tested: Python 3.11 + torch 2.14.1 (make test), Python 3.12 + torch 2.11.0 (make test-compat,
+    # the GPU machine's stack); older ones are not
+    python_requires=">=3.11",
     packages=find_packages(include=["deltal_kernels", "deltal_kernels.*"]),
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.11"],
     extras_require={"bench": ["rich", "matplotlib"], "test": ["pytest", "hypothesis"],
                     "trl": ["trl"], "liger": ["liger-kernel"]},
     entry_points={"console_scripts": ["deltal-bench = deltal_kernels.bench:main"]},
