@@ -328,13 +328,14 @@ from deltal_kernels.triton import logprob_loss as k
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 DT = {4: "fp32", 2: "bf16"}
 
-def compile_(fn, types, cons, num_warps, arch, aligned):
+def compile_(fn, types, cons, num_warps, arch, aligned, v16=True):
     sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
     names = list(fn.arg_names)
     attrs = {}
-    if aligned:  # what the JIT adds at launch for 16-byte-aligned pointers and strides/V % 16 == 0
+    if aligned:  # what the JIT adds at launch for 16-byte-aligned pointers (and strides/V % 16 == 0)
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in types
-                 if types[n].startswith("*") or n.startswith("stride") or n == "V"}
+                 if types[n].startswith("*") or (v16 and (n.startswith("stride") or n == "V"))}
+    cons = dict(cons, ROW_ALIGNED=aligned)
     cc = triton.compile(ASTSource(fn, sig, cons, attrs), target=GPUTarget("cuda", arch, 32),
                         options=dict(num_warps=num_warps))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -366,6 +367,7 @@ results = []
 base = dict(KL_TYPE=3, HAS_DUAL=True, NEED_ENTROPY=True, ENTROPY_IN_LOSS=True, WRITE_GRAD=False,
             BF16_BY_HAND=False)
 variants = []
+ITEM = {"fp32": 4, "bf16": 2, "fp16": 2}
 for itemsize, dt in ((4, "fp32"), (2, "bf16"), (2, "fp16")):
     for V in (1000, 32000, 151936, 262144):
         block, warps = dtr.block_config(V, itemsize)
@@ -377,13 +379,17 @@ for extra in (dict(KL_TYPE=0, HAS_DUAL=False, NEED_ENTROPY=False, ENTROPY_IN_LOS
 variants.append(("bf16", block, warps, {}, "i64", 90))  # strides, N and V >= 2^31 arrive as i64
 variants.append(("bf16", block, warps, dict(WRITE_GRAD=True), "i32", 80))
 for dt, block, warps, extra, idx, arch in variants:
+    vec = dtr.vec_elements(ITEM[dt])
     for name, fn, types, cons in (
-            ("forward", k._forward_kernel, fwd_types(dt, idx), dict(base, BLOCK=block, **extra)),
+            ("forward", k._forward_kernel, fwd_types(dt, idx),
+             dict(base, BLOCK=block, VEC=vec, FAST_EXP=True, **extra)),
             ("grad", k._grad_kernel, grad_types(dt, idx),
-             dict(BLOCK=block, BF16_BY_HAND=extra.get("BF16_BY_HAND", False)))):
-        for aligned in (True, False):
-            r = compile_(fn, types, cons, warps, arch, aligned)
-            r.update(kernel=name, dtype=dt, block=block, warps=warps, extra=extra, idx=idx, arch=arch, aligned=aligned)
+             dict(BLOCK=block, BF16_BY_HAND=extra.get("BF16_BY_HAND", False), VEC=vec, FAST_EXP=True))):
+        # aligned rows whose V (and row stride) is not a multiple of 16: ROW_ALIGNED alone must give 128-bit loads
+        for aligned, v16 in ((True, True), (True, False), (False, False)):
+            r = compile_(fn, types, cons, warps, arch, aligned, v16)
+            r.update(kernel=name, dtype=dt, block=block, warps=warps, extra=extra, idx=idx, arch=arch, aligned=aligned,
+                     v16=v16)
             results.append(r)
 print(json.dumps(results))
 """
@@ -404,7 +410,7 @@ def test_kernels_compile_for_the_gpu_without_spills():
     assert len(results) >= 40
     for r in results:
         assert r["local"] == 0 and r["stack"] == 0, f"register spills: {r}"
-        if r["aligned"]:  # 16-byte-aligned rows: 128-bit loads (and stores for the gradient)
+        if r["aligned"]:  # 16-byte-aligned rows, whatever V: 128-bit loads (and stores for the gradient)
             assert r["v4_loads"] > 0, f"no vector loads: {r}"
             if r["kernel"] == "grad" or r["extra"].get("WRITE_GRAD"):
                 assert r["v4_stores"] > 0, f"no vector stores: {r}"
@@ -444,3 +450,43 @@ def test_rejects_float64_and_strided_columns():
         dtr.forward_rows(x, *args)
     with pytest.raises(ValueError, match="unit stride"):
         dtr.forward_rows(torch.zeros(8, 2, device=DEVICE).t(), *args)
+
+
+# ---------------------------------------------------------------- the fused schedule's grid (no kernel runs)
+
+H100 = dict(sms=132, l2_bytes=50 << 20)
+
+
+@pytest.mark.parametrize("V", [8000, 32000, 151936, 262144])
+@pytest.mark.parametrize("itemsize", [2, 4], ids=["16bit", "fp32"])
+def test_fused_grid_is_resident_and_keeps_rows_in_a_quarter_of_l2(V, itemsize):
+    block, warps = dtr.block_config(V, itemsize)
+    for registers in (0, 64, 108, 128):
+        grid = dtr.fused_grid(1 << 20, V, itemsize, num_warps=warps, registers=registers, **H100)
+        threads = 32 * warps
+        per_sm = min(dtr.SM_THREADS // threads, dtr.SM_REGISTERS // (threads * (registers or dtr.ASSUMED_REGISTERS)))
+        assert grid <= H100["sms"] * max(1, per_sm)  # one wave: every program resident at once
+        assert grid >= H100["sms"]  # every SM busy
+        if grid > H100["sms"]:  # above one program per SM only while the rows fit a quarter of the L2
+            assert grid * V * itemsize <= H100["l2_bytes"] // 4
+
+
+def test_fused_grid_at_32k_bf16_is_one_wave():
+    """The old rule (half the L2) launched 409 programs at V = 32000 bf16 on an H100 where 396 fit."""
+    block, warps = dtr.block_config(32000, 2)
+    assert dtr.fused_grid(16384, 32000, 2, num_warps=warps, registers=108, **H100) == 132
+    assert dtr.fused_grid(50, 32000, 2, num_warps=warps, **H100) == 50  # no more programs than rows
+
+
+@pytest.mark.cuda
+def test_launches_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current (device_map="auto"): the kernels run on cuda:1."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    batch = make_batch([3, 2], 1000, dtype=torch.bfloat16, device="cuda:1", seed=30, mask_frac=0.2)
+    with torch.cuda.device(0):
+        got, grad = run(dk.policy_loss, batch, backend="triton", max_len=8, entropy_coef=0.01)
+    want, want_grad = run(dk.policy_loss, batch, backend="torch", max_len=8, entropy_coef=0.01)
+    assert grad.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.float(), want_grad.float(), rtol=2.0**-7, atol=1e-6)

@@ -5,16 +5,21 @@
 // - 16-byte vectorised loads and stores (4 float32 / 8 half values) over the aligned body of each
 //   row; the elements before the first 16-byte boundary (rows of odd V start anywhere) and after
 //   the last whole packet are handled one by one.
-// - float32 accumulation; softmax statistics (max, sum exp, sum exp * (z - max)) kept online per
-//   thread and merged with warp shuffles (xor butterfly), then across the warps of a block through
-//   shared memory in a fixed order: deterministic, no atomics.
+// - float32 accumulation; softmax statistics kept online per thread in log2 units (max of x*log2(e)/tau,
+//   sum of e = 2^d and of e*d, d = x*log2(e)/tau - max: one FFMA and one ex2.approx.ftz per element,
+//   one rescale per 4 packets), then converted to row_math.h's SoftmaxStats and merged with warp
+//   shuffles (xor butterfly), then across the warps of a block through shared memory in a fixed
+//   order: deterministic, no atomics.
+// - The streaming loops issue their four 16-byte loads together, with no per-element branch or
+//   64-bit compare: the gradient's one-hot term is added to the target's element after the row.
 // - 64-bit row offsets (row * V never overflows) and a grid-stride loop over rows, so N is unbounded
 //   and the grid is sized to the device, not to N.
 // - The per-row math (online softmax merge, clipping, KL, entropy, gradient element) is the shared
 //   row_math.h, the same code the CPU kernels run.
 // - forward_grad_kernel (the fused forward + gradient) is forward_kernel's row pass and epilogue
-//   followed by grad_kernel's row pass (the same device functions), with the grid bounded so the
-//   rows in flight stay in L2 for the second read.
+//   followed by grad_kernel's row pass (the same device functions): its first pass loads with an L2
+//   evict_last policy, the second (last use) with evict_first, and the gradient is stored streaming
+//   (st.global.cs), on a grid of at most the resident blocks (README: the schedule).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,6 +27,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -29,6 +36,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <type_traits>
 
 #include "deltal_kernels/kernels.h"
 #include "deltal_kernels/row_math.h"
@@ -60,200 +68,457 @@ __device__ __forceinline__ int64_t head_count(const void* row, int64_t V) {
   return head < V ? head : V;
 }
 
-template <typename T>
-__device__ __forceinline__ void push_packet(SoftmaxStats& st, const Packet<T>& p, float inv_tau) {
-  float z[Packet<T>::N];
-  float vmax = -INFINITY;
-#pragma unroll
-  for (int k = 0; k < Packet<T>::N; ++k) {
-    z[k] = static_cast<float>(p.v[k]) * inv_tau;
-    vmax = fmaxf(vmax, z[k]);
-  }
-  if (vmax == -INFINITY) return;  // nothing but -inf: adds nothing
-  if (vmax > st.m) st = softmax_rescale(st, vmax);
-#pragma unroll
-  for (int k = 0; k < Packet<T>::N; ++k) softmax_add(st, z[k]);
+// ---- CUDA-only arithmetic (row_math.h stays the shared, accurate version) ----
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegBig = -3.4028234663852886e38f;  // -FLT_MAX: finite floor of the running max
+// log2-unit offsets below this give 2^d == 0 (ex2.approx.ftz flushes below -126); the entropy terms
+// e * d use d floored here, so a -inf logit adds 0, not 0 * -inf
+constexpr float kDFloor = -1024.0f;
+
+// 2^x with MUFU.EX2 (ex2.approx.ftz.f32): relative error <= 2^-22 (README: numerics of the fast exp);
+// 2^-inf = 0, 2^NaN = NaN, results below 2^-126 flush to 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
-__device__ __forceinline__ SoftmaxStats shfl_xor(const SoftmaxStats& st, int offset) {
+// max that keeps NaN (fmaxf drops it)
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+}
+
+// 16-bit logits to float32 two at a time from one 32-bit word of a packet (lo: the element at the
+// lower address): bf16 is the high half of a float32 (one shift or one and); fp16 one conversion each.
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t w, float& lo, float& hi) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+  } else {
+    lo = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+    hi = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+}
+
+// The N float32 values of a packet
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& raw, float* v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v[0] = __uint_as_float(raw.x);
+    v[1] = __uint_as_float(raw.y);
+    v[2] = __uint_as_float(raw.z);
+    v[3] = __uint_as_float(raw.w);
+  } else {
+    unpack2<T>(raw.x, v[0], v[1]);
+    unpack2<T>(raw.y, v[2], v[3]);
+    unpack2<T>(raw.z, v[4], v[5]);
+    unpack2<T>(raw.w, v[6], v[7]);
+  }
+}
+
+// Two float32 values rounded (to nearest even) into one 32-bit word of a 16-bit packet
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack(const float* v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+  } else {
+    return make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+  }
+}
+
+// Per-thread online softmax statistics in log2 units: mk = max x * k (k = log2(e) / tau; floored at
+// -FLT_MAX so that mk - mk is never inf - inf), s = sum 2^(x k - mk), t = sum 2^(x k - mk) (x k - mk).
+struct Log2Stats {
+  float mk;
+  float s;
+  float t;
+};
+
+// Add the K * N values v (raw logits) of K packets: one rescale for all of them.
+template <int M>
+__device__ __forceinline__ void log2_add(Log2Stats& st, const float (&v)[M], float k) {
+  float vmax = v[0];
+#pragma unroll
+  for (int i = 1; i < M; ++i) vmax = fmaxf(vmax, v[i]);  // NaN dropped here, kept by the sums below
+  const float mk = fmaxf(st.mk, fmaxf(vmax * k, kNegBig));
+  const float dm = st.mk - mk;  // <= 0
+  const float c = fast_exp2(dm);
+  float s = 0.0f, t = 0.0f;
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+    const float d = max_nan(fmaf(v[i], k, -mk), kDFloor);
+    const float e = fast_exp2(d);
+    s += e;
+    t = fmaf(e, d, t);
+  }
+  st.t = fmaf(c, fmaf(dm, st.s, st.t), t);  // c (t + dm s) + new terms
+  st.s = fmaf(c, st.s, s);
+  st.mk = mk;
+}
+
+// One value (head and tail elements)
+__device__ __forceinline__ void log2_push(Log2Stats& st, float x, float k) {
+  const float v[1] = {x};
+  log2_add<1>(st, v, k);
+}
+
+// Merge two parts (log2 units). Symmetric: merge(a, b) and merge(b, a) give bitwise the same result,
+// so a butterfly (xor-shuffle) reduction leaves every lane with the same value. Once per row and
+// thread: the accurate exp2f.
+__device__ __forceinline__ Log2Stats log2_merge(Log2Stats a, Log2Stats b) {
+  if (a.mk < b.mk) {
+    const Log2Stats t = a;
+    a = b;
+    b = t;
+  }
+  if (b.s == 0.0f) return a;  // nothing, or nothing but -inf
+  const float d = b.mk - a.mk;  // <= 0
+  const float c = exp2f(d);
+  return {a.mk, a.s + c * b.s, a.t + c * (b.t + d * b.s)};
+}
+
+__device__ __forceinline__ Log2Stats shfl_xor(const Log2Stats& st, int offset) {
+  return {__shfl_xor_sync(0xffffffffu, st.mk, offset), __shfl_xor_sync(0xffffffffu, st.s, offset),
+          __shfl_xor_sync(0xffffffffu, st.t, offset)};
+}
+
+// Logits of a magnitude where x * log2(e) / tau has an ulp of 2 or more: there the FFMA offsets of the
+// fast path (exact products minus a rounded maximum) lose the row, and the row is reduced again on
+// the accurate path (row_math.h's, as on the CPU). Never for logits of a trained model (|x| < 1e6).
+constexpr float kHugeLog2 = 16777216.0f;  // 2^24
+
+__device__ __forceinline__ SoftmaxStats shfl_xor(const SoftmaxStats& st, int offset) {  // (accurate path)
   return {__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset),
           __shfl_xor_sync(0xffffffffu, st.u, offset)};
 }
 
 // The statistics of the whole group; every thread of the group gets the same value.
-template <int GROUP>
-__device__ __forceinline__ SoftmaxStats group_reduce(SoftmaxStats st, SoftmaxStats* smem) {
+template <int GROUP, typename Stats, typename Merge>
+__device__ __forceinline__ Stats group_reduce(Stats st, Stats* smem, Merge merge) {
 #pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) st = softmax_merge(st, shfl_xor(st, offset));
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) st = merge(st, shfl_xor(st, offset));
   if constexpr (GROUP > kWarp) {
     if (threadIdx.x % kWarp == 0) smem[threadIdx.x / kWarp] = st;
     __syncthreads();
     st = smem[0];
 #pragma unroll
-    for (int w = 1; w < GROUP / kWarp; ++w) st = softmax_merge(st, smem[w]);  // fixed order
+    for (int w = 1; w < GROUP / kWarp; ++w) st = merge(st, smem[w]);  // fixed order
     __syncthreads();  // smem is reused for the next row
   }
   return st;
 }
 
-// A 16-byte packet of the logits: through the read-only (non-coherent) data path when the kernel
-// never writes them (READ_ONLY), else a plain load (the fused kernel may write the gradient into the
-// logits' own storage).
-template <bool READ_ONLY>
-__device__ __forceinline__ uint4 load_packet(const uint4* p) {
-  if constexpr (READ_ONLY) {
-    return __ldg(p);
+// Shared memory of a block's reductions: both kinds of statistics
+struct ReduceSmem {
+  Log2Stats fast[kBlock / kWarp];
+  SoftmaxStats accurate[kBlock / kWarp];
+};
+
+// How a pass loads its packets: through the read-only path (a kernel that never writes the logits),
+// or plain with an L2 eviction policy: evict_last for the fused kernel's first pass (the row is
+// re-read right after), evict_first for a last read.
+enum class Load { kReadOnly, kKeep, kLast };
+
+__device__ __forceinline__ uint64_t l2_policy_evict_last() {
+  uint64_t p;
+  asm("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+
+__device__ __forceinline__ uint64_t l2_policy_evict_first() {
+  uint64_t p;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+
+template <Load L>
+__device__ __forceinline__ uint4 load_packet(const uint4* p, uint64_t policy) {
+  uint4 r;
+  if constexpr (L == Load::kReadOnly) {
+    r = __ldg(p);
   } else {
-    return *p;
+    asm volatile("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p), "l"(policy));
+  }
+  return r;
+}
+
+template <Load L>
+__device__ __forceinline__ uint64_t policy_for() {
+  if constexpr (L == Load::kKeep) return l2_policy_evict_last();
+  if constexpr (L == Load::kLast) return l2_policy_evict_first();
+  return 0;
+}
+
+// kUnroll (4) packets p, p + STRIDE, p + 2 STRIDE, p + 3 STRIDE in one asm statement, so all four
+// loads are issued before the first is consumed (ptxas otherwise spreads them over the loop body).
+template <Load L, int STRIDE>
+__device__ __forceinline__ void load_packets4(const uint4* p, uint64_t policy, uint4 (&r)[4]) {
+  static_assert(kUnroll == 4, "four loads per statement");
+  constexpr int B = STRIDE * 16;  // bytes between the packets
+  if constexpr (L == Load::kReadOnly) {
+    asm volatile(
+        "ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%16];\n\t"
+        "ld.global.nc.v4.u32 {%4, %5, %6, %7}, [%16 + %17];\n\t"
+        "ld.global.nc.v4.u32 {%8, %9, %10, %11}, [%16 + %18];\n\t"
+        "ld.global.nc.v4.u32 {%12, %13, %14, %15}, [%16 + %19];"
+        : "=r"(r[0].x), "=r"(r[0].y), "=r"(r[0].z), "=r"(r[0].w), "=r"(r[1].x), "=r"(r[1].y), "=r"(r[1].z),
+          "=r"(r[1].w), "=r"(r[2].x), "=r"(r[2].y), "=r"(r[2].z), "=r"(r[2].w), "=r"(r[3].x), "=r"(r[3].y),
+          "=r"(r[3].z), "=r"(r[3].w)
+        : "l"(p), "n"(B), "n"(2 * B), "n"(3 * B));
+  } else {
+    asm volatile(
+        "ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%16], %20;\n\t"
+        "ld.global.L2::cache_hint.v4.u32 {%4, %5, %6, %7}, [%16 + %17], %20;\n\t"
+        "ld.global.L2::cache_hint.v4.u32 {%8, %9, %10, %11}, [%16 + %18], %20;\n\t"
+        "ld.global.L2::cache_hint.v4.u32 {%12, %13, %14, %15}, [%16 + %19], %20;"
+        : "=r"(r[0].x), "=r"(r[0].y), "=r"(r[0].z), "=r"(r[0].w), "=r"(r[1].x), "=r"(r[1].y), "=r"(r[1].z),
+          "=r"(r[1].w), "=r"(r[2].x), "=r"(r[2].y), "=r"(r[2].z), "=r"(r[2].w), "=r"(r[3].x), "=r"(r[3].y),
+          "=r"(r[3].z), "=r"(r[3].w)
+        : "l"(p), "n"(B), "n"(2 * B), "n"(3 * B), "l"(policy));
   }
 }
 
-// The softmax statistics of one row x, reduced over the group; every thread of the group gets them.
-template <typename T, int GROUP, bool READ_ONLY>
-__device__ __forceinline__ SoftmaxStats row_stats(const T* x, int64_t V, float inv_tau, int tid, SoftmaxStats* smem) {
+// A streaming (evict-first) 16-byte store
+__device__ __forceinline__ void store_packet(uint4* p, const uint4& v) {
+  asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+// The log2 statistics of one row x, reduced over the group; every thread of the group gets them.
+template <typename T, int GROUP, Load L>
+__device__ __forceinline__ Log2Stats row_stats(const T* x, int64_t V, float inv_tau, int tid, ReduceSmem& smem) {
   constexpr int VEC = Packet<T>::N;
+  const float k = inv_tau * kLog2e;
+  const uint64_t policy = policy_for<L>();
   const int64_t head = head_count<T>(x, V);
   const int64_t nvec = (V - head) / VEC;
-  const Packet<T>* body = reinterpret_cast<const Packet<T>*>(x + head);
+  const uint4* body = reinterpret_cast<const uint4*>(x + head);
 
-  SoftmaxStats st = softmax_empty();
-  for (int64_t j = tid; j < head; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
-  int64_t i = tid;
-  for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
-    Packet<T> p[kUnroll];
+  Log2Stats st{kNegBig, 0.0f, 0.0f};
+  for (int64_t j = tid; j < head; j += GROUP) log2_push(st, static_cast<float>(x[j]), k);
+  // 32-bit packet indices within the row: a row has far fewer than 2^31 packets
+  const int n = static_cast<int>(nvec);
+  int i = tid;
+  for (; i + (kUnroll - 1) * GROUP < n; i += kUnroll * GROUP) {
+    uint4 raw[kUnroll];
+    load_packets4<L, GROUP>(body + i, policy, raw);
+    float v[kUnroll * VEC];
 #pragma unroll
-    for (int k = 0; k < kUnroll; ++k) p[k].raw = load_packet<READ_ONLY>(&body[i + k * GROUP].raw);
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) push_packet(st, p[k], inv_tau);
+    for (int u = 0; u < kUnroll; ++u) unpack<T>(raw[u], v + u * VEC);
+    log2_add<kUnroll * VEC>(st, v, k);
   }
-  for (; i < nvec; i += GROUP) {
-    Packet<T> p;
-    p.raw = load_packet<READ_ONLY>(&body[i].raw);
-    push_packet(st, p, inv_tau);
+  for (; i < n; i += GROUP) {
+    float v[VEC];
+    unpack<T>(load_packet<L>(body + i, policy), v);
+    log2_add<VEC>(st, v, k);
   }
-  for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
-  return group_reduce<GROUP>(st, smem);
+  for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) log2_push(st, static_cast<float>(x[j]), k);
+  return group_reduce<GROUP>(st, smem.fast, log2_merge);
 }
 
-// The epilogue of one scored row (row_math.h's row_epilogue on the reduced statistics).
+// The accurate path (rows of huge logits): row_math.h's natural-unit statistics with expf, element by
+// element, as the CPU kernels compute them.
+template <typename T, int GROUP>
+__device__ __noinline__ SoftmaxStats row_stats_accurate(const T* x, int64_t V, float inv_tau, int tid,
+                                                        ReduceSmem& smem) {
+  SoftmaxStats st = softmax_empty();
+  for (int64_t j = tid; j < V; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
+  return group_reduce<GROUP>(st, smem.accurate, softmax_merge);
+}
+
+// The forward result of a scored row from its log2 statistics (uniform over the group) and its target
+// logit xy: logp and the entropy from offsets to the row's maximum (the exact FFMA offset of the
+// target, no m - m cancellation), lse = (mk + log2 s) ln 2. Rows of huge logits go the accurate way.
+template <typename T, int GROUP>
+__device__ __forceinline__ RowResult row_result(const ForwardPointers& a, int64_t row, const T* x, const Log2Stats& st,
+                                                float xy, int tid, ReduceSmem& smem) {
+  if (fabsf(st.mk) >= kHugeLog2) {
+    const SoftmaxStats acc = row_stats_accurate<T, GROUP>(x, a.V, a.inv_tau, tid, smem);
+    return forward_row_result(a, row, acc, xy * a.inv_tau);
+  }
+  const float k = a.inv_tau * kLog2e;
+  const SoftmaxStats relative{0.0f, st.s, st.t * kLn2};  // m = 0: the offsets are relative already
+  RowResult r = forward_row_result(a, row, relative, fmaf(xy, k, -st.mk) * kLn2);
+  r.lse = (st.mk + log2f(st.s)) * kLn2;
+  return r;
+}
+
+// The target's logit z_y = x[y] / tau of a scored row. Targets are validated before any kernel runs;
+// one that is out of range anyway (e.g. under torch.compile, which skips the value checks) gives NaN,
+// never an out-of-bounds read.
 template <typename T>
-__device__ __forceinline__ RowResult forward_epilogue(const ForwardPointers& a, int64_t row, const T* x,
-                                                      const SoftmaxStats& st) {
-  const int64_t y = a.targets[row];
-  // targets are validated before any kernel runs; one that is out of range anyway (e.g. under
-  // torch.compile, which skips the value checks) gives NaN, never an out-of-bounds read
-  const float zy = (y >= 0 && y < a.V) ? static_cast<float>(x[y]) * a.inv_tau : NAN;
-  return forward_row_result(a, row, st, zy);
+__device__ __forceinline__ float target_logit(const T* x, int64_t y, int64_t V) {
+  return (y >= 0 && y < V) ? static_cast<float>(x[y]) : NAN;
 }
 
 template <typename T, int GROUP>
-__global__ void __launch_bounds__(kBlock) forward_kernel(const ForwardPointers a) {
+__global__ void __launch_bounds__(kBlock, 1) forward_kernel(const ForwardPointers a) {
   static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
   constexpr int ROWS = kBlock / GROUP;
-  __shared__ SoftmaxStats smem[kBlock / kWarp];
+  __shared__ ReduceSmem smem;
   const int tid = threadIdx.x % GROUP;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
-  // the loop condition and the skip of unscored rows are uniform over a group (a block when GROUP
-  // is the block), so the barriers in group_reduce are reached by all of its threads
+  // the loop condition, the skip of unscored rows and the huge-logit path are uniform over a group
+  // (a block when GROUP is the block), so the barriers in group_reduce are reached by all of its threads
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
     if (!a.scored[row]) {
       if (tid == 0) store_unscored_row(a, row);
       continue;
     }
     const T* x = static_cast<const T*>(a.logits) + row * a.V;
-    const SoftmaxStats st = row_stats<T, GROUP, true>(x, a.V, a.inv_tau, tid, smem);
-    if (tid == 0) store_row(a, row, forward_epilogue(a, row, x, st));
+    const float xy = tid == 0 ? target_logit(x, a.targets[row], a.V) : 0.0f;
+    const Log2Stats st = row_stats<T, GROUP, Load::kReadOnly>(x, a.V, a.inv_tau, tid, smem);
+    const RowResult r = row_result<T, GROUP>(a, row, x, st, xy, tid, smem);
+    if (tid == 0) store_row(a, row, r);
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T grad_element(T xv, bool is_target, float lse, float entropy, float g, float h,
-                                          float inv_tau) {
-  const float log_p = static_cast<float>(xv) * inv_tau - lse;
-  return T(logit_grad(log_p, dk_exp(log_p), is_target, entropy, g, h, inv_tau));
+// Per-row constants of the gradient dL/dx_j = p_j (b + a log2 p_j) (+ g / tau at the target), with
+// log2 p_j = x_j k - lse2: the SPEC's (g (onehot - p) - h p (log p + H)) / tau regrouped.
+struct GradRow {
+  float k;     // log2(e) / tau
+  float lse2;  // lse * log2(e)
+  float a;     // -h ln 2 / tau
+  float b;     // -(g + h H) / tau
+  float onehot;  // g / tau
+};
+
+__device__ __forceinline__ GradRow grad_row_constants(float lse, float entropy, float g, float h, float inv_tau) {
+  return {inv_tau * kLog2e, lse * kLog2e, -(h * kLn2) * inv_tau, -(g + h * entropy) * inv_tau, g * inv_tau};
 }
 
-// The gradient of one packet starting at element j0 (the target, if inside, gets the onehot term).
-template <typename T>
-__device__ __forceinline__ void grad_packet(Packet<T>& p, int64_t j0, int64_t y, float lse, float entropy, float g,
-                                            float h, float inv_tau) {
-  const int64_t ty = y - j0;
-  const int target = (ty >= 0 && ty < Packet<T>::N) ? static_cast<int>(ty) : -1;  // one 64-bit test per packet
+// The gradient of one element without its one-hot term. With HAS_H the entropy term: p log p is 0
+// where p is 0 (a -inf logit): d floored, NaN kept.
+template <bool HAS_H>
+__device__ __forceinline__ float grad_value(float x, const GradRow& c) {
+  const float d = fmaf(x, c.k, -c.lse2);
+  const float p = fast_exp2(d);
+  if constexpr (HAS_H) {
+    return p * fmaf(c.a, max_nan(d, kDFloor), c.b);
+  } else {
+    return p * c.b;
+  }
+}
+
+template <typename T, bool HAS_H>
+__device__ __forceinline__ uint4 grad_packet(const uint4& raw, const GradRow& c) {
+  constexpr int VEC = Packet<T>::N;
+  float v[VEC];
+  unpack<T>(raw, v);
 #pragma unroll
-  for (int e = 0; e < Packet<T>::N; ++e) p.v[e] = grad_element(p.v[e], e == target, lse, entropy, g, h, inv_tau);
+  for (int e = 0; e < VEC; ++e) v[e] = grad_value<HAS_H>(v[e], c);
+  return pack<T>(v);
+}
+
+// The streaming part of a row's gradient (everything but the one-hot term)
+template <typename T, int GROUP, bool HAS_H, Load L>
+__device__ __forceinline__ void grad_body(const T* x, T* out, int64_t V, int64_t head, const GradRow& c, int tid) {
+  constexpr int VEC = Packet<T>::N;
+  const uint64_t policy = policy_for<L>();
+  const int n = static_cast<int>((V - head) / VEC);
+  const uint4* xb = reinterpret_cast<const uint4*>(x + head);
+  uint4* ob = reinterpret_cast<uint4*>(out + head);
+  for (int64_t j = tid; j < head; j += GROUP) out[j] = T(grad_value<HAS_H>(static_cast<float>(x[j]), c));
+  int i = tid;
+  for (; i + (kUnroll - 1) * GROUP < n; i += kUnroll * GROUP) {
+    uint4 raw[kUnroll];
+    load_packets4<L, GROUP>(xb + i, policy, raw);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) store_packet(ob + i + u * GROUP, grad_packet<T, HAS_H>(raw[u], c));
+  }
+  for (; i < n; i += GROUP) store_packet(ob + i, grad_packet<T, HAS_H>(load_packet<L>(xb + i, policy), c));
+  for (int64_t j = head + static_cast<int64_t>(n) * VEC + tid; j < V; j += GROUP)
+    out[j] = T(grad_value<HAS_H>(static_cast<float>(x[j]), c));
+}
+
+template <int GROUP>
+__device__ __forceinline__ void group_sync() {
+  if constexpr (GROUP > kWarp) {
+    __syncthreads();
+  } else {
+    __syncwarp();
+  }
 }
 
 // One row of the gradient by the threads of a group (tid: the thread's index in it) into out, which
-// may be x itself: each element is read before it is written, by the same thread. Rows with
-// g == h == 0 get exact zeros without reading x.
-template <typename T, int GROUP>
-__device__ __forceinline__ void grad_row(const T* x, T* out, int64_t V, int64_t y, float lse, float entropy, float g,
-                                         float h, float inv_tau, int tid) {
+// may be x itself: each element is read before it is written, by the same thread; xy = x[y] was read
+// by thread 0 before the group's last barrier. Rows with g == h == 0 (and a finite lse) get exact zeros
+// without reading x.
+template <typename T, int GROUP, Load L>
+__device__ __forceinline__ void grad_row(const T* x, T* out, int64_t V, int64_t y, float xy, float lse, float entropy,
+                                         float g, float h, float inv_tau, int tid) {
   constexpr int VEC = Packet<T>::N;
-  if (g == 0.0f && h == 0.0f) {  // exact zeros, without reading the logits
+  // exact zeros, without reading the logits; but a lse that is not finite (a NaN or +inf logit, a row
+  // of -inf) gives a NaN row, as 0 * NaN does in autograd
+  if (g == 0.0f && h == 0.0f && fabsf(lse) < INFINITY) {
     const int64_t head = head_count<T>(out, V);
     const int64_t nvec = (V - head) / VEC;
-    Packet<T>* body = reinterpret_cast<Packet<T>*>(out + head);
-    Packet<T> zero;
-    zero.raw = make_uint4(0u, 0u, 0u, 0u);
+    uint4* body = reinterpret_cast<uint4*>(out + head);
     for (int64_t j = tid; j < head; j += GROUP) out[j] = T(0.0f);
-    for (int64_t i = tid; i < nvec; i += GROUP) body[i].raw = zero.raw;
+    for (int64_t i = tid; i < nvec; i += GROUP) store_packet(body + i, make_uint4(0u, 0u, 0u, 0u));
     for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP) out[j] = T(0.0f);
     return;
   }
-  // y out of range (never after validation): no onehot, no OOB access
   // packets need the logits and the gradient at the same offset from a 16-byte boundary (always
   // true in place and for two allocations; otherwise the row goes element by element)
   const uintptr_t xa = reinterpret_cast<uintptr_t>(x), oa = reinterpret_cast<uintptr_t>(out);
   const int64_t head = ((xa ^ oa) & 15) == 0 ? head_count<T>(x, V) : V;
-  const int64_t nvec = (V - head) / VEC;
-  const Packet<T>* xb = reinterpret_cast<const Packet<T>*>(x + head);
-  Packet<T>* ob = reinterpret_cast<Packet<T>*>(out + head);
-
-  for (int64_t j = tid; j < head; j += GROUP) out[j] = grad_element(x[j], j == y, lse, entropy, g, h, inv_tau);
-  int64_t i = tid;
-  for (; i + (kUnroll - 1) * GROUP < nvec; i += kUnroll * GROUP) {
-    Packet<T> p[kUnroll];
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) p[k].raw = xb[i + k * GROUP].raw;
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      grad_packet(p[k], head + (i + k * GROUP) * VEC, y, lse, entropy, g, h, inv_tau);
-      ob[i + k * GROUP].raw = p[k].raw;
-    }
+  const GradRow c = grad_row_constants(lse, entropy, g, h, inv_tau);
+  if (h != 0.0f) {
+    grad_body<T, GROUP, true, L>(x, out, V, head, c, tid);
+  } else {
+    grad_body<T, GROUP, false, L>(x, out, V, head, c, tid);
   }
-  for (; i < nvec; i += GROUP) {
-    Packet<T> p;
-    p.raw = xb[i].raw;
-    grad_packet(p, head + i * VEC, y, lse, entropy, g, h, inv_tau);
-    ob[i].raw = p.raw;
-  }
-  for (int64_t j = head + nvec * VEC + tid; j < V; j += GROUP)
-    out[j] = grad_element(x[j], j == y, lse, entropy, g, h, inv_tau);
+  // the one-hot term: thread 0 rewrites the target's element once every thread has stored its part
+  // (y out of range, never after validation: no one-hot, no out-of-bounds access)
+  group_sync<GROUP>();
+  if (tid == 0 && y >= 0 && y < V) out[y] = T(grad_value<true>(xy, c) + c.onehot);
 }
 
 template <typename T, int GROUP>
-__global__ void __launch_bounds__(kBlock) grad_kernel(const GradPointers a) {
+__global__ void __launch_bounds__(kBlock, 1) grad_kernel(const GradPointers a) {
   static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
   constexpr int ROWS = kBlock / GROUP;
   const int tid = threadIdx.x % GROUP;
   const int64_t V = a.V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
-    grad_row<T, GROUP>(static_cast<const T*>(a.logits) + row * V, static_cast<T*>(a.out) + row * V, V,
-                       a.targets[row], a.lse[row], a.entropy[row], a.g[row], a.h[row], a.inv_tau, tid);
+    const T* x = static_cast<const T*>(a.logits) + row * V;
+    const int64_t y = a.targets[row];
+    const float xy = tid == 0 && y >= 0 && y < V ? static_cast<float>(x[y]) : 0.0f;
+    group_sync<GROUP>();  // x[y] is read before any thread of the group stores over it (in place)
+    grad_row<T, GROUP, Load::kLast>(x, static_cast<T*>(a.out) + row * V, V, y, xy, a.lse[row], a.entropy[row],
+                                    a.g[row], a.h[row], a.inv_tau, tid);
   }
 }
 
-// forward_kernel and grad_kernel in one launch: a group reduces its row, runs the epilogue (every
-// thread of the group, redundantly, so each has g and h), then makes a second pass over the same row
-// -- from L2 for most rows, the grid being sized so the rows in flight fit in it -- and writes its
-// gradient with grad_row: the same bits as the two kernels.
+// forward_kernel and grad_kernel in one launch: a group reduces its row (first pass: loads kept in
+// L2), runs the epilogue (every thread of the group, redundantly, so each has g and h), then makes a
+// second pass over the same row (last use) and writes its gradient with grad_row: the same bits as
+// the two kernels.
 template <typename T, int GROUP>
-__global__ void __launch_bounds__(kBlock) forward_grad_kernel(const FusedPointers f) {
+__global__ void __launch_bounds__(kBlock, 1) forward_grad_kernel(const FusedPointers f) {
   static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
   constexpr int ROWS = kBlock / GROUP;
-  __shared__ SoftmaxStats smem[kBlock / kWarp];
+  __shared__ ReduceSmem smem;
   const ForwardPointers& a = f.fwd;
   const int tid = threadIdx.x % GROUP;
   const int64_t V = a.V;
@@ -264,21 +529,19 @@ __global__ void __launch_bounds__(kBlock) forward_grad_kernel(const FusedPointer
     T* out = static_cast<T*>(f.out) + row * V;
     if (!a.scored[row]) {
       if (tid == 0) store_unscored_row(a, row);
-      grad_row<T, GROUP>(x, out, V, 0, 0.0f, 0.0f, 0.0f, 0.0f, a.inv_tau, tid);  // zeros
+      grad_row<T, GROUP, Load::kLast>(x, out, V, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, a.inv_tau, tid);  // zeros
       continue;
     }
-    const SoftmaxStats st = row_stats<T, GROUP, false>(x, V, a.inv_tau, tid, smem);
-    const RowResult r = forward_epilogue(a, row, x, st);  // reads x[y]
+    // x[y] first: out may be the logits, and the barriers of the row's reduction order this read
+    // before any thread of the group stores the gradient
+    const int64_t y = a.targets[row];
+    const float xy = target_logit(x, y, V);
+    const Log2Stats st = row_stats<T, GROUP, Load::kKeep>(x, V, a.inv_tau, tid, smem);
+    const RowResult r = row_result<T, GROUP>(a, row, x, st, xy, tid, smem);
     if (tid == 0) store_row(a, row, r);
-    // out may be the logits: every thread of the group has read the row (and x[y]) before any
-    // thread of it writes the gradient
-    if constexpr (GROUP > kWarp) {
-      __syncthreads();
-    } else {
-      __syncwarp();
-    }
     const GradFactors gh = fused_grad_factors(f, row, r);
-    grad_row<T, GROUP>(x, out, V, a.targets[row], r.lse, r.entropy, gh.g, gh.h, a.inv_tau, tid);
+    group_sync<GROUP>();  // (a warp's reduction is shuffles only: no memory ordering without this)
+    grad_row<T, GROUP, Load::kLast>(x, out, V, y, xy, r.lse, r.entropy, gh.g, gh.h, a.inv_tau, tid);
   }
 }
 
@@ -305,17 +568,19 @@ int64_t grid_size(Kernel kernel, int64_t N, int rows_per_block) {
   return std::max<int64_t>(1, std::min<int64_t>(needed, blocks));
 }
 
-// Blocks of the fused kernel: its second pass over a row only saves a DRAM read while the row is
-// still in L2, so the rows in flight are bounded by half the L2 (at least one block per SM, at most
-// what is resident): e.g. V = 151936 bf16 on an H100 (50 MB L2): 86 blocks by L2, so 132 (one per SM).
-// An untuned starting point, like the Triton backend's fused_programs.
+// Blocks of the fused kernel (README: the schedule): at most the resident blocks (grid_size; no second
+// wave, whose rows would start after the first wave's lines were evicted), and the rows in flight (one
+// per block, block per row) within a quarter of the L2, but never fewer than one block per SM: e.g.
+// V = 32000 bf16 on an H100 (50 MB L2): 195 blocks, 12.5 MB in flight; V = 151936 bf16: 132 blocks,
+// 40 MB in flight (over the quarter: the gradient pass's hits then rest on the evict_last/evict_first
+// hints; a cluster of blocks per row would bring it under, see the README).
 int64_t l2_bounded_blocks(int64_t blocks, int rows_per_block, int64_t row_bytes) {
   int device = 0, l2 = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t l2_bytes = l2 > 0 ? l2 : (int64_t{40} << 20);
-  const int64_t fit = (l2_bytes / 2) / std::max<int64_t>(1, row_bytes * rows_per_block);
+  const int64_t fit = (l2_bytes / 4) / std::max<int64_t>(1, row_bytes * rows_per_block);
   return std::max<int64_t>(1, std::min<int64_t>(blocks, std::max<int64_t>(sms, fit)));
 }
 

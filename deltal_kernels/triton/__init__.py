@@ -14,6 +14,7 @@ the reason the backend is unavailable.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -24,6 +25,38 @@ from . import logprob_loss as _k
 
 # Kernels are defined interpreted or compiled once, when triton.jit decorates them (at import).
 INTERPRETED = type(_k._forward_kernel).__name__ == "InterpretedFunction"
+# The GPU build uses ex2.approx.ftz (inline PTX); the interpreter runs tl.exp2.
+FAST_EXP = not INTERPRETED
+
+
+def _interpreter_index_compat():
+    """Triton 3.6's interpreter turns a loop bound into a Python int with ``int(array)`` on a
+    one-element 1-D array, which NumPy >= 2.5 rejects ("only 0-dimensional arrays can be converted to
+    Python scalars"): every ``tl.range`` with a runtime bound fails. Triton 3.8 squeezes the array
+    first; this applies the same fix to older interpreters, only when NumPy needs it."""
+    import numpy as np
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter as ti
+
+    original = getattr(ti, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_dk_squeezed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._dk_squeezed = True
+    ti._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _interpreter_index_compat()
 
 # The grid is min(N, MAX_PROGRAMS) programs looping over rows with stride = grid size, so N is
 # never limited by a grid dimension (CUDA's x-dimension allows 2^31 - 1 blocks; we stay far
@@ -60,21 +93,49 @@ def _grid(N: int):
     return (min(N, MAX_PROGRAMS),)
 
 
-def fused_programs(N: int, V: int, itemsize: int, device) -> int:
-    """Grid size of the fused forward + gradient launch.
+# Threads an SM holds at once (sm_80 / sm_90) and its registers: the resident-program bound.
+SM_THREADS = 2048
+SM_REGISTERS = 65536
+# Registers per thread assumed when the compiled kernel's count is not known (no launch yet).
+ASSUMED_REGISTERS = 64
 
-    Its second pass over a row only saves a DRAM read if the row is still in L2, so on a GPU the
-    rows in flight are bounded: a persistent grid of max(#SMs, L2/2 / row bytes) programs
-    (Qwen's V=151936 in bf16 on an H100: 132 programs, ~39 MB in flight of a 50 MB L2; V=32k:
-    ~390). An untuned starting point: measure before relying on it.
-    """
+
+def fused_programs(N: int, V: int, itemsize: int, device, num_warps: int = 16, registers: int = 0) -> int:
+    """Grid size of the fused forward + gradient launch (the README's schedule): ``fused_grid`` with
+    the device's SM count and L2 size; all rows' programs under the interpreter."""
     device = torch.device(device)
     if device.type != "cuda" or INTERPRETED:
         return min(N, MAX_PROGRAMS)
     props = torch.cuda.get_device_properties(device)
     l2 = getattr(props, "L2_cache_size", 0) or (40 << 20)
-    programs = max(props.multi_processor_count, (l2 // 2) // max(1, V * itemsize))
-    return max(1, min(N, programs, MAX_PROGRAMS))
+    return fused_grid(N, V, itemsize, props.multi_processor_count, l2, num_warps, registers)
+
+
+def fused_grid(N: int, V: int, itemsize: int, sms: int, l2_bytes: int, num_warps: int, registers: int = 0) -> int:
+    """Programs of the fused launch on a GPU with ``sms`` SMs and ``l2_bytes`` of L2.
+
+    Its second pass over a row only saves a DRAM read if the row is still in L2, so the rows in
+    flight (one per program) are bounded by a quarter of the L2, and the grid by what is resident at
+    once (no second wave: a program of the second wave would start its rows after the first wave's
+    lines were evicted), with at least one program per SM. ``registers``: per thread, of the compiled
+    kernel (ASSUMED_REGISTERS when not known yet).
+    """
+    threads = 32 * num_warps
+    per_sm = max(1, min(SM_THREADS // threads, SM_REGISTERS // (threads * max(registers or ASSUMED_REGISTERS, 1))))
+    resident = sms * per_sm
+    by_l2 = (l2_bytes // 4) // max(1, V * itemsize)
+    return max(1, min(N, MAX_PROGRAMS, resident, max(sms, by_l2)))
+
+
+def vec_elements(itemsize: int) -> int:
+    """Elements in a 16-byte packet (the 128-bit load): 4 fp32, 8 fp16/bf16."""
+    return 16 // itemsize
+
+
+def rows_aligned(*tensors) -> bool:
+    """Every row of every [N, V] tensor starts on a 16-byte boundary (base pointer and row stride)."""
+    return all(t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or (t.stride(0) * t.element_size()) % 16 == 0)
+               for t in tensors)
 
 
 def unavailable_reason(device) -> Optional[str]:
@@ -122,20 +183,31 @@ def _forward(logits, targets, scored, old_logprobs, ref_logprobs, advantages, pa
         weights = row_weights.to(f32).contiguous()
     else:  # unused pointers of the WRITE_GRAD=False specialisation
         weights, grad_out = old, logits
-    block, num_warps = block_config(V, logits.element_size())
-    grid = (fused_programs(N, V, logits.element_size(), dev),) if write_grad else _grid(N)
-    _k._forward_kernel[grid](
-        logits, logits.stride(0), targets.to(torch.int64).contiguous(),
-        scored.contiguous().view(torch.uint8), old, ref, adv,
-        logp, entropy, lse, loss, dlogp, kl, flags,
-        N, V, 1.0 / params.temperature, 1.0 - params.clip_low, 1.0 + params.clip_high,
-        params.dual_clip, params.kl_coef, params.entropy_coef,
-        weights, grad_out, grad_out.stride(0), float(grad_scale),
-        KL_TYPE=kl_type, HAS_DUAL=bool(params.dual_clip), NEED_ENTROPY=bool(need_entropy or entropy_in_loss),
-        ENTROPY_IN_LOSS=entropy_in_loss, BLOCK=block, WRITE_GRAD=write_grad, BF16_BY_HAND=INTERPRETED,
-        num_warps=num_warps,
-    )
+    itemsize = logits.element_size()
+    block, num_warps = block_config(V, itemsize)
+    aligned = rows_aligned(logits, grad_out)
+    grid = (fused_programs(N, V, itemsize, dev, num_warps, _REGISTERS.get((itemsize, block), 0)),) \
+        if write_grad else _grid(N)
+    with _on_device(logits):
+        kernel = _k._forward_kernel[grid](
+            logits, logits.stride(0), targets.to(torch.int64).contiguous(),
+            scored.contiguous().view(torch.uint8), old, ref, adv,
+            logp, entropy, lse, loss, dlogp, kl, flags,
+            N, V, 1.0 / params.temperature, 1.0 - params.clip_low, 1.0 + params.clip_high,
+            params.dual_clip, params.kl_coef, params.entropy_coef,
+            weights, grad_out, grad_out.stride(0), float(grad_scale),
+            KL_TYPE=kl_type, HAS_DUAL=bool(params.dual_clip), NEED_ENTROPY=bool(need_entropy or entropy_in_loss),
+            ENTROPY_IN_LOSS=entropy_in_loss, BLOCK=block, WRITE_GRAD=write_grad, BF16_BY_HAND=INTERPRETED,
+            VEC=vec_elements(itemsize), ROW_ALIGNED=aligned, FAST_EXP=FAST_EXP, num_warps=num_warps,
+        )
+    if write_grad and not INTERPRETED:
+        _REGISTERS[(itemsize, block)] = max(_REGISTERS.get((itemsize, block), 0), getattr(kernel, "n_regs", 0) or 0)
     return logp, entropy, lse, loss, dlogp, kl, flags
+
+
+# Registers of the compiled fused kernel per (itemsize, BLOCK), as the last launches reported them:
+# the next fused grid is sized with them (the first one assumes ASSUMED_REGISTERS).
+_REGISTERS = {}
 
 
 def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy):
@@ -178,10 +250,20 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
     if N == 0:
         return out
     f32 = torch.float32
-    block, num_warps = block_config(V, logits.element_size())
-    _k._grad_kernel[_grid(N)](
-        logits, logits.stride(0), out, out.stride(0), targets.to(torch.int64).contiguous(),
-        lse.to(f32).contiguous(), entropy.to(f32).contiguous(), g.to(f32).contiguous(), h.to(f32).contiguous(),
-        N, V, 1.0 / temperature, BLOCK=block, BF16_BY_HAND=INTERPRETED, num_warps=num_warps,
-    )
+    itemsize = logits.element_size()
+    block, num_warps = block_config(V, itemsize)
+    with _on_device(logits):
+        _k._grad_kernel[_grid(N)](
+            logits, logits.stride(0), out, out.stride(0), targets.to(torch.int64).contiguous(),
+            lse.to(f32).contiguous(), entropy.to(f32).contiguous(), g.to(f32).contiguous(), h.to(f32).contiguous(),
+            N, V, 1.0 / temperature, BLOCK=block, BF16_BY_HAND=INTERPRETED, VEC=vec_elements(itemsize),
+            ROW_ALIGNED=rows_aligned(logits, out), FAST_EXP=FAST_EXP, num_warps=num_warps,
+        )
     return out
+
+
+def _on_device(tensor):
+    """Launch on the tensors' CUDA device, not the current one (models spread over GPUs)."""
+    if tensor.device.type == "cuda" and not INTERPRETED:
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()

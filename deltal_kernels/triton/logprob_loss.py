@@ -4,20 +4,33 @@ Two kernels, both a persistent grid-stride loop over rows (one row per program w
 N <= MAX_PROGRAMS, which is the common case; no grid dimension limits N):
 
 ``_forward_kernel``
-    One online-softmax pass over V per scored row: the logits are read in their own dtype, scaled
-    by 1/tau and reduced in float32 (running max m, sum-exp s and, for the entropy, the running
-    sum of e^(z-m) * (z-m)), then the per-row epilogue of ``torch_backend.row_terms`` (PPO clip,
-    dual clip, k1/k2/k3, entropy bonus, dl/dlogp, flags) runs on the row's scalars in registers.
-    Unscored rows do no V work: they write zeros to their [N] outputs and move on.
-    With WRITE_GRAD (the fused mode, ``forward_grad_rows``) the program then makes a second pass
-    over the row it just reduced and writes the row's gradient with ``_grad_row``, the same code
-    as the gradient kernel, so fused and separate gradients are the same bits.
+    One online-softmax pass over V per scored row. A chunk of BLOCK logits is a [BLOCK // VEC, VEC]
+    tile, VEC = 16 bytes of logits, so every thread owns whole 16-byte packets (one 128-bit load
+    each) and keeps running statistics per packet slot: max m, sum of e = 2^d and sum of e * d, with
+    d = x * log2(e) / tau - m in log2 units (one FFMA and one ex2 per element). The slots are merged
+    once per row (three block reductions per row, none per chunk). Then the per-row epilogue of
+    ``torch_backend.row_terms`` (PPO clip, dual clip, k1/k2/k3, entropy bonus, dl/dlogp, flags) runs
+    on the row's scalars in registers. Unscored rows do no V work: they write zeros to their [N]
+    outputs and move on. With WRITE_GRAD (the fused mode, ``forward_grad_rows``) the program then
+    makes a second pass over the row it just reduced and writes the row's gradient with
+    ``_grad_row``, the same code as the gradient kernel, so fused and separate gradients are the same
+    bits.
 
 ``_grad_kernel`` (per row: ``_grad_row``)
-    dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau with p recomputed from the saved lse,
-    written in the output's dtype. Rows with g == 0 and h == 0 store zeros without reading the
-    logits. ``out`` may alias ``logits`` (in-place backward): each chunk is read before it is
-    written and programs own disjoint rows.
+    dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau with p = 2^(x * log2(e) / tau - lse2)
+    recomputed from the saved lse, written in the output's dtype: p * (b + a * d) with per-row
+    constants a, b (4-6 instructions per element); the one-hot term is added to the target's element
+    after the row (a barrier, then one store). Rows with g == 0 and h == 0 store zeros without
+    reading the logits. ``out`` may alias ``logits`` (in-place backward): each element is read by the
+    thread that writes it, before it writes it; x[y] is read before the row's first store.
+
+The exponential: on the GPU ``ex2.approx.ftz.f32`` (MUFU.EX2; relative error <= 2^-22, see the README
+"Numerics of the fast exp"); under the interpreter ``tl.exp2``.
+
+Full chunks are loaded unmasked; the last chunk is masked to V rounded down to a whole packet
+(still 128-bit loads), or element by element when V is not a multiple of VEC. With ROW_ALIGNED
+(every row starts on a 16-byte boundary: the host checks the pointers and the row strides) the
+row offsets are declared multiples of VEC, so aligned rows get 128-bit loads whatever V is.
 
 Offsets: a row's base is ``row (int64) * stride`` and every column offset is added to that 64-bit
 base, so N * V >= 2^31 is safe. ``tl.cast`` (not ``.to``) is used because under TRITON_INTERPRET
@@ -32,7 +45,34 @@ import triton.language as tl
 # the interpreter does not check).
 LOG_RATIO_CLAMP = tl.constexpr(20.0)  # deltal_kernels.reference.LOG_RATIO_CLAMP
 K3_CLAMP = tl.constexpr(10.0)  # deltal_kernels.reference.K3_CLAMP
-NEG_BIG = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: a finite start for the running max (no inf * 0)
+NEG_BIG = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: a finite floor for the running max (no inf - inf)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# log2-unit offsets below this have 2^d == 0 in float32 (the ftz ex2 flushes below -126): the
+# entropy terms e * d use d clamped here, so a -inf logit adds 0, not 0 * -inf
+D_FLOOR = tl.constexpr(-1024.0)
+# |max x * log2(e) / tau| from which the offsets are recomputed with rounded products (ulp >= 2 there)
+HUGE_LOG2 = tl.constexpr(16777216.0)
+
+
+@triton.jit
+def _exp2(x, FAST_EXP: tl.constexpr):
+    """2^x: MUFU.EX2 (ex2.approx.ftz.f32) on the GPU, tl.exp2 under the interpreter."""
+    if FAST_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _mul_rn(x, k, FAST_EXP: tl.constexpr):
+    """x * k rounded on its own (never contracted into an FMA with a following subtraction)."""
+    if FAST_EXP:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [x, tl.zeros_like(x) + k],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return x * k
 
 
 @triton.jit
@@ -53,6 +93,139 @@ def _round_to(x, DTYPE: tl.constexpr, BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
+def _tile(BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """Column offsets 0..BLOCK-1 as a [BLOCK // VEC, VEC] tile: one 16-byte packet per tile row."""
+    return tl.arange(0, BLOCK // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+
+
+@triton.jit
+def _word_tile(BLOCK: tl.constexpr, VEC: tl.constexpr):
+    """32-bit word offsets of a chunk of 16-bit values, [BLOCK // VEC, VEC // 2]: two values a word."""
+    return tl.arange(0, BLOCK // VEC)[:, None] * (VEC // 2) + tl.arange(0, VEC // 2)[None, :]
+
+
+@triton.jit
+def _bf16_words(ptr, BLOCK: tl.constexpr, VEC: tl.constexpr, mask_below, EVICT: tl.constexpr):
+    """A chunk of bfloat16 values from ptr as two float32 tiles (the lower and upper value of each
+    word): one shift or one and per value, where the dtype conversion costs two instructions.
+    mask_below: load only words below this word index (a whole-packet bound), -1 for none."""
+    words = _word_tile(BLOCK, VEC)
+    wptr = ptr.to(tl.pointer_type(tl.uint32))
+    if mask_below >= 0:
+        w = tl.load(wptr + words, mask=words < mask_below, other=0xFF80FF80, eviction_policy=EVICT)  # two -inf
+    else:
+        w = tl.load(wptr + words, eviction_policy=EVICT)
+    lo = (w << 16).to(tl.float32, bitcast=True)
+    hi = (w & 0xFFFF0000).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _pack_bf16(lo, hi, BF16_BY_HAND: tl.constexpr):
+    """Two float32 tiles rounded to nearest even into bfloat16 words (lo in the lower half)."""
+    if BF16_BY_HAND:
+        lo_bits = lo.to(tl.uint32, bitcast=True)
+        hi_bits = hi.to(tl.uint32, bitcast=True)
+        lo_r = (lo_bits + 0x7FFF + ((lo_bits >> 16) & 1)) >> 16
+        hi_r = (hi_bits + 0x7FFF + ((hi_bits >> 16) & 1)) >> 16
+        return (hi_r << 16) | lo_r
+    else:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", [hi, lo], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _stats_add2(lo, hi, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr, EXACT: tl.constexpr):
+    """_stats_add for a tile given as its two halves (bfloat16 words)."""
+    mk_new = tl.maximum(mk, tl.maximum(tl.maximum(tl.max(lo, axis=1), tl.max(hi, axis=1)) * k, NEG_BIG))
+    dm = mk - mk_new
+    c = _exp2(dm, FAST_EXP)
+    if EXACT:
+        d_lo = _mul_rn(lo, k, FAST_EXP) - mk_new[:, None]
+        d_hi = _mul_rn(hi, k, FAST_EXP) - mk_new[:, None]
+    else:
+        d_lo = lo * k - mk_new[:, None]
+        d_hi = hi * k - mk_new[:, None]
+    if NEED_ENTROPY:
+        d_lo = tl.maximum(d_lo, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        d_hi = tl.maximum(d_hi, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        e_lo = _exp2(d_lo, FAST_EXP)
+        e_hi = _exp2(d_hi, FAST_EXP)
+        t = c * (t + dm * s) + tl.sum(e_lo * d_lo + e_hi * d_hi, axis=1)
+    else:
+        e_lo = _exp2(d_lo, FAST_EXP)
+        e_hi = _exp2(d_hi, FAST_EXP)
+    s = s * c + tl.sum(e_lo + e_hi, axis=1)
+    return mk_new, s, t
+
+
+@triton.jit
+def _stats_add(x, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr, EXACT: tl.constexpr):
+    """Add a [R, VEC] tile of raw logits x to per-slot statistics (all [R], log2 units):
+    mk = max x * k (floored at -FLT_MAX), s = sum 2^(x k - mk), t = sum 2^(x k - mk) (x k - mk).
+    The offsets are one FMA (exact product minus the rounded maximum); EXACT rounds the product first,
+    so the maximum's own offset is exactly 0 whatever the magnitude (rows of huge logits)."""
+    mk_new = tl.maximum(mk, tl.maximum(tl.max(x, axis=1) * k, NEG_BIG))
+    dm = mk - mk_new  # <= 0 (NaN only with a NaN logit, which makes s NaN anyway)
+    c = _exp2(dm, FAST_EXP)
+    if EXACT:
+        d = _mul_rn(x, k, FAST_EXP) - mk_new[:, None]
+    else:
+        d = x * k - mk_new[:, None]
+    if NEED_ENTROPY:
+        d = tl.maximum(d, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # -inf logits: e = 0, e * d = 0; NaN stays
+        e = _exp2(d, FAST_EXP)
+        t = c * (t + dm * s) + tl.sum(e * d, axis=1)
+    else:
+        e = _exp2(d, FAST_EXP)
+    s = s * c + tl.sum(e, axis=1)
+    return mk_new, s, t
+
+
+@triton.jit
+def _row_stats(x_row, V, k, BLOCK: tl.constexpr, VEC: tl.constexpr, IS_BF16: tl.constexpr,
+               NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr, EXACT: tl.constexpr, EVICT: tl.constexpr):
+    """(m2, s, t) of one row in log2 units: per-slot running statistics over the chunks, merged once.
+    EVICT: the L2 policy of the loads (evict_last when the row is read again right after: fused)."""
+    R: tl.constexpr = BLOCK // VEC
+    tile = _tile(BLOCK, VEC)
+    v_full = (V // BLOCK) * BLOCK  # columns in whole chunks
+    v_vec = (V // VEC) * VEC  # columns in whole packets
+    mk = tl.full([R], NEG_BIG, tl.float32)
+    s = tl.zeros([R], tl.float32)
+    t = tl.zeros([R], tl.float32)
+    for start in tl.range(0, v_full, BLOCK):
+        if IS_BF16:
+            lo, hi = _bf16_words(x_row + start, BLOCK, VEC, -1, EVICT)
+            mk, s, t = _stats_add2(lo, hi, mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+        else:
+            x = tl.load(x_row + start + tile, eviction_policy=EVICT).to(tl.float32)
+            mk, s, t = _stats_add(x, mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+    if v_full < V:  # the last, partial chunk
+        offs = v_full + tile
+        if v_vec == V:  # whole packets
+            if IS_BF16:
+                lo, hi = _bf16_words(x_row + v_full, BLOCK, VEC, (v_vec - v_full) // 2, EVICT)
+                mk, s, t = _stats_add2(lo, hi, mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+            else:
+                x = tl.load(x_row + offs, mask=offs < v_vec, other=float("-inf"), eviction_policy=EVICT)
+                mk, s, t = _stats_add(x.to(tl.float32), mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+        else:
+            x = tl.load(x_row + offs, mask=offs < V, other=float("-inf"), eviction_policy=EVICT)
+            mk, s, t = _stats_add(x.to(tl.float32), mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+    # merge the slots (once per row): three block reductions
+    m2 = tl.max(mk, axis=0)
+    dm = mk - m2
+    c = _exp2(dm, FAST_EXP)
+    s_row = tl.sum(s * c, axis=0)
+    if NEED_ENTROPY:
+        t_row = tl.sum(c * (t + dm * s), axis=0)
+    else:
+        t_row = tl.cast(0.0, tl.float32)
+    return m2, s_row, t_row
+
+
+@triton.jit
 def _forward_kernel(
     logits_ptr, stride_row, targets_ptr, scored_ptr, old_ptr, ref_ptr, adv_ptr,
     logp_ptr, entropy_ptr, lse_ptr, loss_ptr, dlogp_ptr, kl_ptr, flags_ptr,
@@ -60,42 +233,38 @@ def _forward_kernel(
     weights_ptr, grad_ptr, stride_grad, grad_scale,
     KL_TYPE: tl.constexpr, HAS_DUAL: tl.constexpr, NEED_ENTROPY: tl.constexpr,
     ENTROPY_IN_LOSS: tl.constexpr, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    VEC: tl.constexpr = 8, ROW_ALIGNED: tl.constexpr = False, FAST_EXP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
+    IS_BF16: tl.constexpr = logits_ptr.dtype.element_ty == tl.bfloat16
+    # fused: keep the first pass's lines in L2 for the gradient pass; else the row is not read again soon
+    EVICT: tl.constexpr = "evict_last" if WRITE_GRAD else "evict_first"
+    k = inv_tau * LOG2E  # z * log2(e), z = x / tau
     for row in tl.range(pid, N, nprog):
         row64 = tl.cast(row, tl.int64)
         scored = tl.load(scored_ptr + row64)
         if scored != 0:
-            x_row = logits_ptr + row64 * stride_row  # 64-bit row base
-            m = tl.cast(NEG_BIG, tl.float32)  # running max of z = x / tau
-            s = tl.cast(0.0, tl.float32)  # running sum of exp(z - m)
-            t = tl.cast(0.0, tl.float32)  # running sum of exp(z - m) * (z - m)  (entropy)
-            for start in tl.range(0, V, BLOCK):
-                offs = start + cols
-                mask = offs < V
-                z = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_tau
-                m_new = tl.maximum(m, tl.max(z, axis=0))
-                alpha = tl.exp(m - m_new)
-                zc = z - m_new  # -inf on the masked tail
-                e = tl.exp(zc)  # 0 on the masked tail
-                if NEED_ENTROPY:
-                    # re-centre the old partial sum on m_new: sum e'(z - m_new) = alpha (t + (m - m_new) s)
-                    # (e > 0: the masked tail and -inf logits add 0, not 0 * -inf)
-                    t = alpha * (t + (m - m_new) * s) + tl.sum(e * tl.where(e > 0.0, zc, 0.0), axis=0)
-                s = s * alpha + tl.sum(e, axis=0)
-                m = m_new
-            log_s = tl.log(s)
+            row_off = row64 * stride_row
+            if ROW_ALIGNED:
+                row_off = tl.multiple_of(row_off, VEC)
+            x_row = logits_ptr + row_off  # 64-bit row base
             target = tl.load(targets_ptr + row64)
+            # x[y] first: with the gradient written in place, other warps overwrite the row once the
+            # row's statistics are reduced (a barrier every warp passes after this load).
             # validation rejects targets outside [0, V) eagerly, but not under torch.compile: an
             # out-of-range target gives logp = NaN here instead of a read out of bounds
-            z_y = tl.load(x_row + target, mask=(target >= 0) & (target < V), other=float("nan"))
-            z_y = z_y.to(tl.float32) * inv_tau
-            logp = (z_y - m) - log_s
-            lse = m + log_s
+            x_y = tl.load(x_row + target, mask=(target >= 0) & (target < V), other=float("nan")).to(tl.float32)
+            m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, NEED_ENTROPY, FAST_EXP, False, EVICT)
+            zy_off = x_y * k - m2  # the target's offset to the row maximum (log2 units)
+            if tl.abs(m2) >= HUGE_LOG2:  # huge logits: again, with exact offsets (never in practice)
+                m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, NEED_ENTROPY, FAST_EXP, True, EVICT)
+                zy_off = _mul_rn(x_y, k, FAST_EXP) - m2
+            log2_s = tl.log2(s_row)
+            lse = (m2 + log2_s) * LN2
+            logp = (zy_off - log2_s) * LN2
             if NEED_ENTROPY:
-                entropy = log_s - t / s  # -sum p log p = log s - sum p (z - m)
+                entropy = (log2_s - t_row / s_row) * LN2  # log s - sum p (z - m), in log2 units * ln 2
             else:
                 entropy = tl.cast(0.0, tl.float32)
 
@@ -103,7 +272,11 @@ def _forward_kernel(
             old = tl.load(old_ptr + row64)
             adv = tl.load(adv_ptr + row64)
             log_ratio = logp - old
-            ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP))
+            # the clamp keeps NaN (a NaN logp or old log-prob gives a NaN ratio and loss, as in the
+            # reference): min/max drop NaN, hence the where
+            ratio = tl.exp(tl.where(log_ratio != log_ratio, log_ratio,
+                                    tl.minimum(tl.maximum(log_ratio, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)))
+            # the clamp's derivative is 0 outside its closed interval, and at NaN (autograd's mask)
             dratio = tl.where(tl.abs(log_ratio) <= LOG_RATIO_CLAMP, ratio, 0.0)
             pg_unclipped = -adv * ratio
             pg_clipped = -adv * tl.minimum(tl.maximum(ratio, ratio_lo), ratio_hi)
@@ -129,35 +302,42 @@ def _forward_kernel(
             elif KL_TYPE == 3:
                 ref = tl.load(ref_ptr + row64)
                 diff = ref - logp
-                d = tl.minimum(tl.maximum(diff, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+                d = tl.where(diff != diff, diff, tl.minimum(tl.maximum(diff, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP))
                 exp_d = tl.exp(d)
                 value = exp_d - d - 1.0
-                kl = tl.minimum(tl.maximum(value, -K3_CLAMP), K3_CLAMP)
+                kl = tl.where(value != value, value, tl.minimum(tl.maximum(value, -K3_CLAMP), K3_CLAMP))
                 passes = (tl.abs(diff) <= LOG_RATIO_CLAMP) & (value <= K3_CLAMP)
                 dkl = tl.where(passes, -(exp_d - 1.0), 0.0)
             else:
                 kl = tl.cast(0.0, tl.float32)
                 dkl = tl.cast(0.0, tl.float32)
 
-            loss = pg + kl_coef * kl
+            if KL_TYPE != 0:  # kl_coef == 0: no KL term at all (a NaN ref log-prob does not leak)
+                loss = tl.where(kl_coef != 0.0, pg + kl_coef * kl, pg)
+                dlogp = tl.where(kl_coef != 0.0, dpg + kl_coef * dkl, dpg)
+            else:
+                loss = pg
+                dlogp = dpg
             if ENTROPY_IN_LOSS:
                 loss = loss - entropy_coef * entropy
-            dlogp = dpg + kl_coef * dkl
 
             if WRITE_GRAD:
                 # the gradient of grad_scale * sum_t w_t l_t, as dispatch's backward forms it from
-                # d_loss = grad_output * w_t; a second pass over the row, which is still in L2 for
-                # most rows, instead of a full re-read of the logits in the backward launch
+                # d_loss = grad_output * w_t; a second pass over the row (see the README's schedule)
                 d_loss = grad_scale * tl.load(weights_ptr + row64)
-                _grad_row(x_row, grad_ptr + row64 * stride_grad, V, target, lse, entropy,
-                          d_loss * dlogp, d_loss * -entropy_coef, inv_tau, BLOCK, BF16_BY_HAND)
+                out_off = row64 * stride_grad
+                if ROW_ALIGNED:
+                    out_off = tl.multiple_of(out_off, VEC)
+                _grad_row(x_row, grad_ptr + out_off, V, target, x_y, lse, entropy,
+                          d_loss * dlogp, d_loss * -entropy_coef, inv_tau, BLOCK, BF16_BY_HAND, VEC,
+                          ROW_ALIGNED, FAST_EXP)
         else:  # unscored: no V work, zeros in every output
             zero = tl.cast(0.0, tl.float32)
             logp, entropy, lse, loss, dlogp, kl = zero, zero, zero, zero, zero, zero
             flags = tl.cast(0, tl.int32)
             if WRITE_GRAD:
-                _grad_row(logits_ptr, grad_ptr + row64 * stride_grad, V, 0, zero, zero, zero, zero, inv_tau,
-                          BLOCK, BF16_BY_HAND)
+                _grad_row(logits_ptr, grad_ptr + row64 * stride_grad, V, 0, zero, zero, zero, zero, zero, inv_tau,
+                          BLOCK, BF16_BY_HAND, VEC, ROW_ALIGNED, FAST_EXP)
         tl.store(logp_ptr + row64, logp)
         tl.store(entropy_ptr + row64, entropy)
         tl.store(lse_ptr + row64, lse)
@@ -168,24 +348,91 @@ def _forward_kernel(
 
 
 @triton.jit
-def _grad_row(x_row, out_row, V, target, lse, entropy, g, h, inv_tau, BLOCK: tl.constexpr,
-              BF16_BY_HAND: tl.constexpr):
-    """One row of dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau, written to out_row."""
-    cols = tl.arange(0, BLOCK)
-    if (g != 0.0) | (h != 0.0):
-        for start in tl.range(0, V, BLOCK):
-            offs = start + cols
+def _grad_value(x, k, lse2, a, b, HAS_H: tl.constexpr, FAST_EXP: tl.constexpr):
+    """p * (b + a * d) with d = x k - lse2 = log2 p: the gradient without its one-hot term."""
+    d = x * k - lse2
+    p = _exp2(d, FAST_EXP)
+    if HAS_H:
+        # p * (log p + H) is 0 where p is 0 (a -inf logit), not 0 * -inf: d floored
+        return p * (b + a * tl.maximum(d, D_FLOOR, propagate_nan=tl.PropagateNan.ALL))
+    else:
+        return p * b
+
+
+@triton.jit
+def _grad_chunks(x_row, out_row, V, k, lse2, a, b, HAS_H: tl.constexpr, BLOCK: tl.constexpr,
+                 BF16_BY_HAND: tl.constexpr, VEC: tl.constexpr, FAST_EXP: tl.constexpr):
+    """The streaming part of a row's gradient (all but the one-hot term): last-use loads and streaming
+    stores (L2 evict_first)."""
+    tile = _tile(BLOCK, VEC)
+    v_full = (V // BLOCK) * BLOCK
+    v_vec = (V // VEC) * VEC
+    dtype = out_row.dtype.element_ty
+    IS_BF16: tl.constexpr = (dtype == tl.bfloat16) & (x_row.dtype.element_ty == tl.bfloat16)
+    words = _word_tile(BLOCK, VEC)
+    for start in tl.range(0, v_full, BLOCK):
+        if IS_BF16:
+            lo, hi = _bf16_words(x_row + start, BLOCK, VEC, -1, "evict_first")
+            g_lo = _grad_value(lo, k, lse2, a, b, HAS_H, FAST_EXP)
+            g_hi = _grad_value(hi, k, lse2, a, b, HAS_H, FAST_EXP)
+            tl.store((out_row + start).to(tl.pointer_type(tl.uint32)) + words, _pack_bf16(g_lo, g_hi, BF16_BY_HAND),
+                     eviction_policy="evict_first")
+        else:
+            x = tl.load(x_row + start + tile, eviction_policy="evict_first").to(tl.float32)
+            grad = _grad_value(x, k, lse2, a, b, HAS_H, FAST_EXP)
+            tl.store(out_row + start + tile, _round_to(grad, dtype, BF16_BY_HAND), eviction_policy="evict_first")
+    if v_full < V:
+        offs = v_full + tile
+        if v_vec == V:  # whole packets: 128-bit loads and stores
+            if IS_BF16:
+                n_words = (v_vec - v_full) // 2
+                lo, hi = _bf16_words(x_row + v_full, BLOCK, VEC, n_words, "evict_first")
+                g_lo = _grad_value(lo, k, lse2, a, b, HAS_H, FAST_EXP)
+                g_hi = _grad_value(hi, k, lse2, a, b, HAS_H, FAST_EXP)
+                tl.store((out_row + v_full).to(tl.pointer_type(tl.uint32)) + words,
+                         _pack_bf16(g_lo, g_hi, BF16_BY_HAND), mask=words < n_words,
+                         eviction_policy="evict_first")
+            else:
+                mask = offs < v_vec
+                x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                grad = _grad_value(x, k, lse2, a, b, HAS_H, FAST_EXP)
+                tl.store(out_row + offs, _round_to(grad, dtype, BF16_BY_HAND), mask=mask, eviction_policy="evict_first")
+        else:
             mask = offs < V
-            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            log_p = tl.where(mask, x * inv_tau - lse, 0.0)  # finite on the tail (never stored)
-            p = tl.exp(log_p)
-            # p * (log p + H) is 0 where p is 0 (a -inf logit), not 0 * -inf
-            grad = tl.where(offs == target, g, 0.0) - g * p - h * p * tl.where(p > 0.0, log_p + entropy, 0.0)
-            tl.store(out_row + offs, _round_to(grad * inv_tau, out_row.dtype.element_ty, BF16_BY_HAND), mask=mask)
-    else:  # g == h == 0 (unscored or zero-weight rows): exact zeros, the logits are not read
-        zeros = tl.zeros([BLOCK], dtype=out_row.dtype.element_ty)
+            x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            grad = _grad_value(x, k, lse2, a, b, HAS_H, FAST_EXP)
+            tl.store(out_row + offs, _round_to(grad, dtype, BF16_BY_HAND), mask=mask, eviction_policy="evict_first")
+
+
+@triton.jit
+def _grad_row(x_row, out_row, V, target, x_y, lse, entropy, g, h, inv_tau, BLOCK: tl.constexpr,
+              BF16_BY_HAND: tl.constexpr, VEC: tl.constexpr, ROW_ALIGNED: tl.constexpr, FAST_EXP: tl.constexpr):
+    """One row of dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau, written to out_row.
+
+    x_y (the target's logit, float32) was read by the caller before any store to the row."""
+    # a lse that is not finite (a NaN or +inf logit, a row of -inf) gives a NaN row even where
+    # g == h == 0, as 0 * NaN does in autograd
+    if (g != 0.0) | (h != 0.0) | (tl.abs(lse) == float("inf")) | (lse != lse):
+        k = inv_tau * LOG2E
+        lse2 = lse * LOG2E
+        # dL/dx_j = p_j * (b + a * log2 p_j) (+ g / tau at the target), log p = log2 p * ln 2
+        a = -(h * LN2) * inv_tau
+        b = -(g + h * entropy) * inv_tau
+        if h != 0.0:
+            _grad_chunks(x_row, out_row, V, k, lse2, a, b, True, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+        else:
+            _grad_chunks(x_row, out_row, V, k, lse2, a, b, False, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+        # the one-hot term: every thread has stored its part of the row (the barrier orders those
+        # stores before this one, which overwrites the target's element)
+        tl.debug_barrier()
+        grad_y = _grad_value(x_y, k, lse2, a, b, True, FAST_EXP) + g * inv_tau
+        tl.store(out_row + target, _round_to(grad_y, out_row.dtype.element_ty, BF16_BY_HAND),
+                 mask=(target >= 0) & (target < V))
+    else:  # g == h == 0 (unscored or zero-weight rows, finite lse): exact zeros, the logits are not read
+        tile = _tile(BLOCK, VEC)
+        zeros = tl.zeros([BLOCK // VEC, VEC], dtype=out_row.dtype.element_ty)
         for start in tl.range(0, V, BLOCK):
-            offs = start + cols
+            offs = start + tile
             tl.store(out_row + offs, zeros, mask=offs < V)
 
 
@@ -193,6 +440,7 @@ def _grad_row(x_row, out_row, V, target, lse, entropy, g, h, inv_tau, BLOCK: tl.
 def _grad_kernel(
     logits_ptr, stride_x, out_ptr, stride_out, targets_ptr, lse_ptr, entropy_ptr, g_ptr, h_ptr,
     N, V, inv_tau, BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+    VEC: tl.constexpr = 8, ROW_ALIGNED: tl.constexpr = False, FAST_EXP: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -200,7 +448,16 @@ def _grad_kernel(
         row64 = tl.cast(row, tl.int64)
         g = tl.load(g_ptr + row64)
         h = tl.load(h_ptr + row64)
+        x_off = row64 * stride_x
+        out_off = row64 * stride_out
+        if ROW_ALIGNED:
+            x_off = tl.multiple_of(x_off, VEC)
+            out_off = tl.multiple_of(out_off, VEC)
+        x_row = logits_ptr + x_off  # 64-bit row bases
+        target = tl.load(targets_ptr + row64)
+        # x[y] before the row's first store (out may be the logits)
+        x_y = tl.load(x_row + target, mask=(target >= 0) & (target < V), other=0.0).to(tl.float32)
+        tl.debug_barrier()  # every warp has read x[y] before any warp stores over it (in place)
         # lse/entropy/target are only used when g or h != 0 (loading them is harmless otherwise)
-        _grad_row(logits_ptr + row64 * stride_x, out_ptr + row64 * stride_out, V,  # 64-bit row bases
-                  tl.load(targets_ptr + row64), tl.load(lse_ptr + row64), tl.load(entropy_ptr + row64),
-                  g, h, inv_tau, BLOCK, BF16_BY_HAND)
+        _grad_row(x_row, out_ptr + out_off, V, target, x_y, tl.load(lse_ptr + row64), tl.load(entropy_ptr + row64),
+                  g, h, inv_tau, BLOCK, BF16_BY_HAND, VEC, ROW_ALIGNED, FAST_EXP)
