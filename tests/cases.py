@@ -26,6 +26,19 @@ def device_for(backend: str) -> str:
     return "cpu"
 
 
+def backend_device(backend: str) -> str:
+    """The device the backend's kernels run on here; skips the test, with dispatch's reason, when it cannot."""
+    import pytest
+
+    from deltal_kernels.dispatch import unavailable_reason
+
+    device = device_for(backend)
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        pytest.skip(reason)
+    return device
+
+
 def make_batch(lengths, V, *, dtype=torch.float32, device="cpu", seed=0, mask_frac=0.25, per_seq_adv=False,
                logit_scale=3.0, ratio_spread=0.5):
     """A packed batch as a dict of policy_loss's tensor arguments."""

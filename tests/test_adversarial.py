@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import deltal_kernels as dk
-from deltal_kernels.dispatch import unavailable_reason
 
-from cases import BACKENDS, assert_matches_reference, device_for, make_batch, run
+from cases import BACKENDS, assert_matches_reference, backend_device, make_batch, run
 
 V = 200  # > one 16-element packet, so a whole NaN packet can be tested; small for the Triton interpreter
 LENGTHS = [3, 0, 4]
@@ -19,14 +18,6 @@ OPTIONS = {
     "plain": dict(max_len=8),
     "kl-entropy": dict(max_len=8, kl_coef=0.1, entropy_coef=0.01),
 }
-
-
-def backend_device(backend):
-    device = device_for(backend)
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(reason)
-    return device
 
 
 def nan_logit(b):

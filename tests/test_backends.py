@@ -9,9 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import deltal_kernels as dk
-from deltal_kernels.dispatch import unavailable_reason
 
-from cases import BACKENDS, assert_matches_reference, device_for, make_batch, run
+from cases import BACKENDS, assert_matches_reference, backend_device, make_batch, run
 
 # ragged: empty sequences at the start, middle and end, a long one, single-row ones
 LENGTHS = [0, 5, 1, 0, 9, 3, 0]
@@ -34,14 +33,6 @@ OPTIONS = {
     "no-mask": dict(max_len=16, mask_frac=0.0),
 }
 BATCH_KEYS = ("per_seq_adv", "ratio_spread", "mask_frac")
-
-
-def backend_device(backend):
-    device = device_for(backend)
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(reason)
-    return device
 
 
 def split(options):

@@ -14,10 +14,9 @@ import torch
 
 import deltal_kernels as dk
 from deltal_kernels import reference
-from deltal_kernels.dispatch import unavailable_reason
 from deltal_kernels.validation import prepare
 
-from cases import BACKENDS, as_float64, assert_matches_reference, device_for, make_batch, run
+from cases import BACKENDS, as_float64, assert_matches_reference, backend_device, make_batch, run
 
 LENGTHS = [0, 5, 1, 0, 9, 3, 0]
 OPTIONS = {
@@ -43,14 +42,6 @@ def with_rollout(batch, seed=0):
     rollout = old + torch.randn(old.shape, generator=gen) * 0.7
     rollout[0] = float("nan")  # a log-prob the sampler did not return
     return {**batch, "rollout_logprobs": rollout.to(batch["old_logprobs"].device)}
-
-
-def backend_device(backend):
-    device = device_for(backend)
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(reason)
-    return device
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

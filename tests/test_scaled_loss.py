@@ -5,20 +5,11 @@ import pytest
 import torch
 
 import deltal_kernels as dk
-from deltal_kernels.dispatch import unavailable_reason
 
-from cases import BACKENDS, device_for, make_batch, run
+from cases import BACKENDS, backend_device, make_batch, run
 from test_backends import LENGTHS, LargeStorages
 
 OPTIONS = dict(max_len=16, entropy_coef=0.01, kl_coef=0.1)
-
-
-def backend_device(backend):
-    device = device_for(backend)
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(reason)
-    return device
 
 
 def batch_and_rest(backend, seed):
