@@ -47,6 +47,9 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, help=f"timed calls per implementation (default: {REPS}; --quick: {QUICK_REPS})")
     p.add_argument("--only", nargs="+", metavar="IMPL", help="run only these implementations (names as listed)")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the CSV, JSON and PNG")
+    p.add_argument("--linear", action="store_true", help="the fused LM head instead (deltal_kernels/bench/linear.py): "
+                   "dk.linear_policy_loss vs the materialised logits, the eager reference and Liger's chunked loss")
+    p.add_argument("--H", type=int, nargs="+", help="hidden sizes (with --linear)")
     return p.parse_args(argv)
 
 
@@ -143,6 +146,10 @@ def _free(device):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.linear:
+        from .linear import main as linear_main
+
+        return linear_main(args, Console(width=None if sys.stdout.isatty() else 160))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases, custom = select_cases(args, device.type)
     impls, skipped = baselines.implementations(device)
