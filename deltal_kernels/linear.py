@@ -36,7 +36,7 @@ from .output import PolicyLossOutput, token_means
 from .validation import LOGITS_DTYPES, prepare
 
 # default byte budget of the [C, V] chunk buffer, per device type
-CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 DEFAULT_CHUNK_BYTES = 256 << 20
 
 
@@ -292,7 +292,7 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
     those of ``policy_loss``. ``loss`` is differentiable w.r.t. hidden, weight and bias.
 
     chunk_rows: scored rows per chunk (default: a byte budget of the [chunk_rows, V] buffer, 64 MiB
-    on CPU, 1 GiB on CUDA). ``inplace_backward`` is accepted for signature parity and has no effect:
+    on CPU, 512 MiB on CUDA). ``inplace_backward`` is accepted for signature parity and has no effect:
     every chunk's gradient is written into the chunk itself. accumulate_weight_grad=True adds the
     weight's gradient straight into ``weight.grad`` (a leaf) during the forward instead of holding a
     float32 [V, H] accumulator; the loss must then be backpropagated unscaled (d_loss == 1, checked

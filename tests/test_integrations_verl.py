@@ -293,3 +293,42 @@ def test_importing_the_module_registers_delta_l_with_verl():
             "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
             "assert get_policy_loss_fn('delta-l').__name__ == 'delta_l_policy_loss'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@needs_verl
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("kl,entropy", [(False, 0.0), (True, 0.01)])
+def test_fused_linear_actor_loss_matches_verl_on_the_lm_head_logits(mode, kl, entropy):
+    """fused_linear_ppo_loss(hidden, lm_head.weight) is verl's actor loss on hidden @ weight.T + bias, with the
+    gradients of hidden, weight and bias; no [total_nnz, V] logits on dk's side."""
+    from verl.utils import tensordict_utils as tu
+
+    data, logits = micro_batch(6, kl=kl)
+    N, V = logits.shape
+    gen = torch.Generator().manual_seed(7)
+    H = 8
+    params = dict(hidden=torch.randn(N, H, generator=gen, dtype=torch.float64),
+                  weight=torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.7,
+                  bias=torch.randn(V, generator=gen, dtype=torch.float64) * 0.3)
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    config = actor_config(loss_agg_mode=mode, entropy_coeff=entropy, use_kl_loss=kl, kl_loss_coef=0.1,
+                          kl_loss_type="low_var_kl", loss_scale_factor=None)
+
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    expected, expected_metrics = verl_actor_loss(
+        config, torch.nn.functional.linear(ref["hidden"], ref["weight"], ref["bias"]), data, 0.7)
+    expected.backward()
+    ours = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    got, metrics = dkv.fused_linear_ppo_loss(config, ours["hidden"], ours["weight"], data, bias=ours["bias"],
+                                             backend="torch", chunk_rows=3)
+    got.backward()
+
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    for name in params:  # float64 both ways; the weight's and bias's sums run over chunks in another order
+        torch.testing.assert_close(ours[name].grad, ref[name].grad, rtol=1e-10,
+                                   atol=1e-13 * ref[name].grad.abs().max().item(), msg=name)
+    assert expected_metrics["actor/pg_clipfrac"].aggregate() > 0
+    for name in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+        assert metrics[name].aggregate() == pytest.approx(expected_metrics[name].aggregate(), rel=1e-6)
+    with pytest.raises(ValueError, match="hidden_rmpad"):
+        dkv.fused_linear_ppo_loss(config, ours["hidden"][1:], ours["weight"], data, backend="torch")

@@ -49,6 +49,13 @@ Works without verl for the functions; with verl importable, importing this modul
 
     It supports one temperature per micro-batch, no Ulysses sequence parallelism (the rows must be
     the whole micro-batch) and no rollout_is_weights; it checks and raises otherwise.
+(d) ``fused_linear_ppo_loss``: the same from the hidden states and ``lm_head.weight`` (like verl's
+    ``use_fused_kernels``), through ``dk.linear_policy_loss``: no [total_nnz, V] logits at all. In
+    the patch above, run the backbone instead of the whole model and pass its output::
+
+        hidden_rmpad = self.module.model(**model_inputs, use_cache=False).last_hidden_state.squeeze(0)
+        loss, metrics = fused_linear_ppo_loss(actor_config, hidden_rmpad, self.module.lm_head.weight,
+                                              micro_batch, loss_agg_mode="delta-l")
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ from typing import Optional
 import torch
 
 from ..aggregation import sequence_weights
+from ..linear import linear_policy_loss
 from ..loss import policy_loss
 
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -172,19 +180,8 @@ def register(alpha: float = 1.0, name: str = "delta-l"):
     return register_policy_loss(name)(delta_l_policy_loss)
 
 
-def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: Optional[str] = None,
-                   alpha: float = 1.0, backend: str = "auto"):
-    """verl's log-probs + ``ppo_loss`` (vanilla policy loss, entropy bonus, KL loss) as one ``dk.policy_loss``.
-
-    config: verl's ActorConfig (clip ratios, clip_ratio_c, entropy_coeff, use_kl_loss, kl_loss_coef,
-    kl_loss_type, loss_agg_mode, loss_scale_factor). logits_rmpad: [total_nnz, V], the model's
-    logits for the micro-batch's packed rows (prompt and response of each sequence, no padding),
-    before temperature scaling. data: verl's micro-batch TensorDict in no-padding mode (nested
-    input_ids/prompts/responses/response_mask/old_log_probs/advantages, ref_log_prob with the KL
-    loss; dp_size, batch_num_tokens, global_batch_size, temperature; optional delta_l_weights).
-    Returns (loss, metrics) like ppo_loss (metrics as verl ``Metric`` means: pg_clipfrac, ppo_kl,
-    pg_clipfrac_lower, entropy, and kl with the KL loss); the loss is differentiable w.r.t. logits_rmpad.
-    """
+def _fused_rows(config, N: int, data, loss_agg_mode, alpha, arg: str):
+    """The micro-batch as dk's rows: (positional args after the logits, keyword options) of policy_loss."""
     if "rollout_is_weights" in data.keys():
         raise ValueError("rollout_is_weights: per-token rollout correction weights are not supported by fused_ppo_loss")
     temperature = data["temperature"]
@@ -194,10 +191,8 @@ def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: O
         temperature = float(temperature.reshape(-1)[0])
     input_ids = data["input_ids"]
     cu = input_ids.offsets().to(torch.int64)
-    N = int(cu[-1])
-    if logits_rmpad.shape[0] != N:
-        raise ValueError(f"logits_rmpad: expected {N} rows (the micro-batch's packed tokens), "
-                         f"got {logits_rmpad.shape[0]}")
+    if N != int(cu[-1]):
+        raise ValueError(f"{arg}: expected {int(cu[-1])} rows (the micro-batch's packed tokens), got {N}")
     prompt_lens = data["prompts"].offsets().diff().to(torch.int64)
     padded = data.select("response_mask", "old_log_probs", "advantages",
                          *(["ref_log_prob"] if config.use_kl_loss else [])).to_padded_tensor()
@@ -232,18 +227,56 @@ def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: O
             raise ValueError(f"kl_loss_type: expected one of {sorted(KL_TYPES)}, got {config.kl_loss_type!r}")
         kl = dict(ref_logprobs=to_rows(padded["ref_log_prob"]), kl_coef=config.kl_loss_coef,
                   kl_type=KL_TYPES[config.kl_loss_type])
-    out = policy_loss(logits_rmpad, targets, to_rows(padded["old_log_probs"]), to_rows(padded["advantages"]),
-                      cu, loss_mask=loss_mask, weights=w, clip_low=low, clip_high=high,
-                      dual_clip=c, entropy_coef=config.entropy_coeff, with_entropy=True, temperature=temperature,
-                      backend=backend, **kl)
+    args = (targets, to_rows(padded["old_log_probs"]), to_rows(padded["advantages"]), cu)
+    options = dict(loss_mask=loss_mask, weights=w, clip_low=low, clip_high=high, dual_clip=c,
+                   entropy_coef=config.entropy_coeff, with_entropy=True, temperature=temperature, **kl)
+    return args, options
+
+
+def _verl_metrics(out):
     from verl.utils.metric import AggregationType, Metric
 
     # verl's names for the token means it logs (it averages them over micro-batches)
     names = {"actor/pg_clipfrac": "clipfrac", "actor/ppo_kl": "approx_kl", "actor/pg_clipfrac_lower": "clipfrac_lower",
              "actor/entropy": "entropy", "actor/kl": "kl"}
-    metrics = {name: Metric(AggregationType.MEAN, out.metrics[key])
-               for name, key in names.items() if key in out.metrics}
-    return out.loss, metrics
+    return {name: Metric(AggregationType.MEAN, out.metrics[key]) for name, key in names.items() if key in out.metrics}
+
+
+def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: Optional[str] = None,
+                   alpha: float = 1.0, backend: str = "auto"):
+    """verl's log-probs + ``ppo_loss`` (vanilla policy loss, entropy bonus, KL loss) as one ``dk.policy_loss``.
+
+    config: verl's ActorConfig (clip ratios, clip_ratio_c, entropy_coeff, use_kl_loss, kl_loss_coef,
+    kl_loss_type, loss_agg_mode, loss_scale_factor). logits_rmpad: [total_nnz, V], the model's
+    logits for the micro-batch's packed rows (prompt and response of each sequence, no padding),
+    before temperature scaling. data: verl's micro-batch TensorDict in no-padding mode (nested
+    input_ids/prompts/responses/response_mask/old_log_probs/advantages, ref_log_prob with the KL
+    loss; dp_size, batch_num_tokens, global_batch_size, temperature; optional delta_l_weights).
+    Returns (loss, metrics) like ppo_loss (metrics as verl ``Metric`` means: pg_clipfrac, ppo_kl,
+    pg_clipfrac_lower, entropy, and kl with the KL loss); the loss is differentiable w.r.t. logits_rmpad.
+    """
+    args, options = _fused_rows(config, logits_rmpad.shape[0], data, loss_agg_mode, alpha, "logits_rmpad")
+    out = policy_loss(logits_rmpad, *args, backend=backend, **options)
+    return out.loss, _verl_metrics(out)
+
+
+def fused_linear_ppo_loss(config, hidden_rmpad: torch.Tensor, weight: torch.Tensor, data, *, bias=None,
+                          loss_agg_mode: Optional[str] = None, alpha: float = 1.0, backend: str = "auto",
+                          chunk_rows: Optional[int] = None):
+    """``fused_ppo_loss`` from the last hidden states and the LM-head weight, as verl's ``use_fused_kernels``.
+
+    hidden_rmpad: [total_nnz, H], the backbone's output for the micro-batch's packed rows (what verl's
+    fused-kernel path hands ``FusedLinearForPPO``), weight: lm_head.weight [V, H] (and its bias, if
+    any): the loss is ``fused_ppo_loss(config, hidden_rmpad @ weight.T + bias, data)`` computed by
+    ``dk.linear_policy_loss``, with no [total_nnz, V] logits; differentiable w.r.t. hidden_rmpad,
+    weight and bias. The engine patch is the ``fused_ppo_loss`` one with the backbone's output and
+    ``lm_head.weight`` in place of the logits (verl's ``use_fused_kernels`` forward already returns
+    the hidden states and skips the LM head).
+    """
+    args, options = _fused_rows(config, hidden_rmpad.shape[0], data, loss_agg_mode, alpha, "hidden_rmpad")
+    out = linear_policy_loss(hidden_rmpad, weight, *args, bias=bias, backend=backend, chunk_rows=chunk_rows,
+                             **options)
+    return out.loss, _verl_metrics(out)
 
 
 try:  # with verl importable, loss_mode="delta-l" is there as soon as this module is imported
