@@ -280,12 +280,108 @@ class _LinearPolicyLossFn(torch.autograd.Function):
         return gh, gw, gb, None
 
 
+def _chunk_rows_iter(b, C):
+    """(slice or index tensor of the chunk's rows, index tensor or None) over the scored rows, C at a time."""
+    rows = b.scored.nonzero().squeeze(1)
+    R, N = rows.numel(), b.scored.numel()
+    for start in range(0, R, C):
+        end = min(R, start + C)
+        if R == N:
+            yield slice(start, end), None
+        else:
+            idx = rows[start:end]
+            yield idx, idx
+
+
+class _LinearStatsFn(torch.autograd.Function):
+    """logp_t and H_t of every row from hidden @ weight.T + bias, chunk by chunk (the two-pass schedule).
+
+    For objectives whose dL/dlogp_t needs every row first (GSPO's sequence ratio, CISPO, rollout
+    correction, separately weighted KL/entropy): the forward keeps only lse; the backward rebuilds
+    each chunk's logits (a fourth matmul), writes dL/dlogits into it and runs the two gradient matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, prep):
+        b = prep.b
+        N, V = hidden.shape[0], weight.shape[0]
+        module = _load(prep.backend)
+        cd = b.old_logprobs.dtype
+        logp = torch.zeros(N, dtype=cd, device=hidden.device)
+        entropy, lse = torch.zeros_like(logp), torch.zeros_like(logp)
+        zeros = torch.zeros(N, dtype=cd, device=hidden.device)
+        params = b.params._replace(kl_type=0, kl_coef=0.0, entropy_coef=0.0)  # statistics only
+        C = min(prep.chunk_rows, max(int(b.scored.sum()), 1))
+        buffer = torch.empty((C, V), dtype=hidden.dtype, device=hidden.device)
+        hd, wd, bd = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
+        for sl, idx in _chunk_rows_iter(b, C):
+            hid = hd[sl] if idx is None else hd.index_select(0, idx)
+            logits = chunk_logits(hid, wd, bd, buffer[:hid.shape[0]])
+            lp, ent, ls, *_ = module.forward_rows(logits, b.targets[sl], b.scored[sl], zeros[sl], None, zeros[sl],
+                                                  params, b.need_entropy)
+            logp[sl], entropy[sl], lse[sl] = lp, ent, ls
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(hidden, weight, bias, lse, entropy)
+        ctx.prep = prep
+        return logp, entropy, lse
+
+    @staticmethod
+    def backward(ctx, d_logp, d_entropy, _):
+        if torch.is_grad_enabled():
+            raise RuntimeError("linear_policy_loss: double backward is not supported (its gradients are first "
+                               "order); call backward without create_graph=True")
+        return _LinearStatsFn._first_order(ctx, d_logp, d_entropy)
+
+    @staticmethod
+    @once_differentiable
+    def _first_order(ctx, d_logp, d_entropy):
+        hidden, weight, bias, lse, entropy = ctx.saved_tensors
+        prep = ctx.prep
+        b = prep.b
+        module = _load(prep.backend)
+        g = d_logp if d_logp is not None else torch.zeros_like(lse)
+        h = d_entropy if d_entropy is not None else torch.zeros_like(lse)
+        g, h = torch.where(b.scored, g, 0.0).to(lse.dtype), torch.where(b.scored, h, 0.0).to(lse.dtype)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        V, H = weight.shape
+        cdt = torch.promote_types(hidden.dtype, torch.float32)
+        gh = torch.zeros_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        gb = torch.zeros(V, dtype=cdt, device=weight.device) if need_b and bias is not None else None
+        C = min(prep.chunk_rows, max(int(b.scored.sum()), 1))
+        buffer = torch.empty((C, V), dtype=hidden.dtype, device=hidden.device)
+        block_rows = max(1, min(V, (C * V) // (4 * max(H, 1))))
+        for sl, idx in _chunk_rows_iter(b, C):
+            hid = hidden[sl] if idx is None else hidden.index_select(0, idx)
+            logits = chunk_logits(hid, weight, bias, buffer[:hid.shape[0]])
+            module.grad_rows(logits, b.targets[sl], lse[sl], entropy[sl], g[sl], h[sl], b.params.temperature, logits)
+            if gh is not None:
+                if idx is None:
+                    torch.mm(logits, weight, out=gh[sl])
+                else:
+                    gh.index_copy_(0, idx, torch.mm(logits, weight))
+            if gw is not None:
+                _add_weight_grad(gw, logits, hid, block_rows)
+            if gb is not None:
+                gb += logits.sum(0, dtype=gb.dtype)
+        return (gh, None if gw is None else gw.to(weight.dtype),
+                None if gb is None else gb.to(bias.dtype), None)
+
+
 def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seqlens, *, bias=None, loss_mask=None,
                        ref_logprobs=None, weights=None, agg="delta-l", alpha=1.0, max_len=None, clip_low=0.2,
                        clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=1.0,
+                       ratio_level="token", objective="ppo", rollout_logprobs=None, rollout_correction=None,
+                       rollout_clip=(None, 3.0), kl_entropy_agg=None, kl_entropy_weights=None,
                        with_entropy=False, inplace_backward=False, backend="auto", chunk_rows=None,
                        accumulate_weight_grad=False) -> PolicyLossOutput:
     """``policy_loss(hidden @ weight.T + bias, ...)`` without the [N, V] logits (SPEC section 2.1).
+
+    Token-level PPO (the default objective) runs in one pass: each chunk's gradient is final when the
+    chunk is reduced. ``ratio_level="sequence"``, ``objective="cispo"``, a rollout correction or
+    ``kl_entropy_agg``/``kl_entropy_weights`` need every row's log-prob before any dL/dlogp_t is known:
+    they run a statistics pass in the forward and rebuild each chunk's logits in the backward (a fourth
+    matmul), with the same memory bound.
 
     hidden [N, H] and weight [V, H] (nn.Linear layout), bias [V] or None, all one dtype (float32,
     float16, bfloat16; float64 on backend="torch") and device; the other arguments and options are
@@ -303,7 +399,10 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
     b = prepare(stand_in, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
                 ref_logprobs=ref_logprobs, weights=weights, agg=agg, alpha=alpha, max_len=max_len,
                 clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type,
-                entropy_coef=entropy_coef, temperature=temperature, with_entropy=with_entropy)
+                entropy_coef=entropy_coef, temperature=temperature, with_entropy=with_entropy,
+                ratio_level=ratio_level, objective=objective, rollout_logprobs=rollout_logprobs,
+                rollout_correction=rollout_correction, rollout_clip=rollout_clip, kl_entropy_agg=kl_entropy_agg,
+                kl_entropy_weights=kl_entropy_weights)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
     if not isinstance(accumulate_weight_grad, bool):
@@ -317,6 +416,21 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
     if accumulate_weight_grad and need[1] and not weight.is_leaf:
         raise ValueError("weight: accumulate_weight_grad=True needs a leaf weight (its .grad is accumulated into)")
     prep = _Prepared(b, name, C, need, accumulate_weight_grad and need[1])
+    if not b.objective.is_default:
+        # dL/dlogp_t needs every row's logp first: statistics pass, [N]-sized objective, recompute in backward
+        if accumulate_weight_grad:
+            raise ValueError("accumulate_weight_grad: needs the one-pass schedule (token-level PPO, no rollout "
+                             "correction, kl_entropy_agg=None)")
+        from .reference import objective_terms
+
+        if any(need):
+            logp, entropy, _ = _LinearStatsFn.apply(hidden, weight, bias, prep)
+        else:
+            with torch.no_grad():
+                logp, entropy, _ = _LinearStatsFn.apply(hidden, weight, bias, prep)
+        loss, metrics = objective_terms(logp, entropy if b.need_entropy else None, b)
+        return PolicyLossOutput(loss=loss, logprobs=logp.detach(),
+                                entropy=entropy.detach() if b.need_entropy else None, metrics=metrics)
     if any(need):
         loss, logp, entropy, kl, flags = _LinearPolicyLossFn.apply(hidden, weight, bias, prep)
     else:

@@ -31,6 +31,12 @@ OPTIONS = {
     "grpo": dict(agg="grpo"),
     "seq-mean-token-sum": dict(agg="seq-mean-token-sum"),
     "dr-grpo": dict(agg="dr-grpo", max_len=16),
+    # the objectives beyond token-level PPO: the two-pass schedule (statistics, then recompute in backward)
+    "gspo": dict(max_len=16, ratio_level="sequence", kl_coef=0.05, entropy_coef=0.01),
+    "cispo": dict(max_len=16, objective="cispo", clip_high=0.28),
+    "rollout-token-truncate": dict(max_len=16, rollout_correction="token_truncate", rollout_clip=(None, 1.2)),
+    "rollout-sequence-mask": dict(max_len=16, rollout_correction="sequence_mask", rollout_clip=(0.5, 2.0)),
+    "kl-entropy-token-mean": dict(max_len=16, kl_entropy_agg="token-mean", kl_coef=0.05, entropy_coef=0.01),
 }
 
 
@@ -133,6 +139,10 @@ def assert_matches(batch, params, backend, **options):
 def test_options_fp32(backend, case):
     device = backend_device(backend)
     batch, params = make_linear(LENGTHS, device=device, seed=1)
+    if "rollout_correction" in OPTIONS[case]:  # the sampler's log-probs, near the old policy's
+        gen = torch.Generator().manual_seed(3)
+        noise = torch.randn(batch["old_logprobs"].shape, generator=gen) * 0.3
+        batch["rollout_logprobs"] = batch["old_logprobs"] + noise.to(device)
     assert_matches(batch, params, backend, chunk_rows=4, **OPTIONS[case])
 
 
@@ -154,10 +164,13 @@ def test_weights_override_no_bias_no_mask(backend):
     assert_matches(batch, params, backend, weights=weights, chunk_rows=7)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("objective", [{}, dict(ratio_level="sequence"), dict(objective="cispo")],
+                         ids=["ppo-one-pass", "gspo-two-pass", "cispo-two-pass"])
+def test_gradcheck_float64(objective):
     batch, params = make_linear([2, 0, 3], dtype=torch.float64, seed=5, h=3, v=7)
     rest = dict(batch)
-    opts = dict(backend="torch", max_len=4, kl_coef=0.1, entropy_coef=0.05, temperature=0.8, chunk_rows=2)
+    opts = dict(backend="torch", max_len=4, kl_coef=0.1, entropy_coef=0.05, temperature=0.8, chunk_rows=2,
+                **objective)
 
     def loss(hidden, weight, bias):
         return dk.linear_policy_loss(hidden, weight, bias=bias, **rest, **opts).loss
@@ -227,10 +240,11 @@ def test_accumulate_weight_grad_into_dot_grad():
         (scaled.loss * 0.5).backward()
 
 
-def test_double_backward_is_an_error():
+@pytest.mark.parametrize("objective", [{}, dict(ratio_level="sequence")], ids=["one-pass", "two-pass"])
+def test_double_backward_is_an_error(objective):
     batch, params = make_linear(LENGTHS, seed=11)
     hidden = params["hidden"].clone().requires_grad_(True)
-    out = dk.linear_policy_loss(hidden, params["weight"], **batch, backend="torch", max_len=16)
+    out = dk.linear_policy_loss(hidden, params["weight"], **batch, backend="torch", max_len=16, **objective)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.loss, hidden, create_graph=True)
 
