@@ -28,6 +28,8 @@
 # summary.txt and gpu-check.log are rewritten after every step, so a run cut short still leaves them.
 # Exit status: 0 when every step that ran passed, 1 otherwise, 2 for a usage error.
 #
+# GPU_CHECK_ASSUME_GPU=1 runs the real path on a machine without a GPU (with stand-ins for
+# compute-sanitizer and ncu on PATH): the rehearsal of the non-dry-run plumbing.
 # Environment: PY (default python3), OUT, WHEELS (default wheels), BUDGET_S (default 540), MAX_JOBS
 # (default: the CPU count), TORCH_CUDA_ARCH_LIST (default: the GPU's capability, else 9.0),
 # TEST_WORKERS (pytest-xdist workers, default 8; 0: none), TEST_TIMEOUT (per test, default 300 s),
@@ -203,17 +205,19 @@ skip() {  # skip NAME WHY
 # run_step NAME COMMAND...: in the foreground, within its time cap; output to the screen and its log.
 # In a dry run a step that needs a GPU runs DRY_<NAME> instead when set (a rehearsal), else nothing.
 run_step() {
-  local name=$1 t t0 rc
+  local name=$1 t t0 rc sig=TERM
   shift
+  # pytest stopped by SIGINT still prints its counts (KeyboardInterrupt), SIGTERM would lose them
+  [ "$name" = tests ] && sig=INT
   t=$(step_timeout "$name")
   if [ "$t" = 0 ]; then skip "$name" "no time left in BUDGET_S=$BUDGET_S"; return 0; fi
   echo "== gpu_check: $name (at most $t s): $*"
   echo "\$ $*" > "$WORK/$name.log"
   t0=$(date +%s)
   if declare -F "$1" > /dev/null; then  # a function of this script (exported below)
-    timeout -k 10 "$t" bash -c '"$@"' "$name" "$@" 2>&1 | tee -a "$WORK/$name.log"
+    timeout -s "$sig" -k 20 "$t" bash -c '"$@"' "$name" "$@" 2>&1 | tee -a "$WORK/$name.log"
   else
-    timeout -k 10 "$t" "$@" 2>&1 | tee -a "$WORK/$name.log"
+    timeout -s "$sig" -k 20 "$t" "$@" 2>&1 | tee -a "$WORK/$name.log"
   fi
   rc=${PIPESTATUS[0]}
   finish "$name" "$rc" $(($(date +%s) - t0))
@@ -333,7 +337,9 @@ print('liger-kernel', md.version('liger-kernel'), 'importable from', m.__file__)
 }
 
 test_args() {  # the pytest arguments: plugins only when installed
-  local args=(tests -ra -p no:cacheprovider --durations=15)
+  # -v: a line per test, so a run cut short still shows what passed; the dry-run test is plumbing
+  # checked without a GPU, not worth the GPU machine's time
+  local args=(tests -v -ra -p no:cacheprovider --durations=15 --ignore=tests/test_gpu_check_script.py)
   if "$PY" -c "import pytest_timeout" 2> /dev/null; then args+=(--timeout "$TEST_TIMEOUT"); fi
   if [ "$TEST_WORKERS" != 0 ] && "$PY" -c "import xdist" 2> /dev/null; then args+=(-n "$TEST_WORKERS"); fi
   echo "${args[@]}"

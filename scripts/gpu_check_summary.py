@@ -172,7 +172,10 @@ def summary(work: Path, out: Path, gpu: str, elapsed: int, budget: int, dry_run:
         elif s["name"] == "tests" and s["status"] not in ("skipped", "dry-run"):
             counts = pytest_counts(log)
             if counts is None:
-                lines.append("  no pytest closing line (cut short?)")
+                seen = re.findall(r"\b(PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", "\n".join(
+                    ln for ln in log.splitlines() if ln.startswith(("[gw", "tests/"))))
+                so_far = ", ".join(f"{seen.count(w)} {w.lower()}" for w in dict.fromkeys(seen))
+                lines.append(f"  no pytest closing line (cut short?); per-test lines: {so_far or 'none'}")
             elif set(counts) == {"seconds", "line"}:  # no counts: 'no tests ran'
                 lines.append("  " + counts["line"].strip("= ")[:WIDTH - 2])
             else:

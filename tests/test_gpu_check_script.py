@@ -113,12 +113,7 @@ def test_summary_reads_tests_sanitizers_bench_and_ncu(tmp_path):
         ",".join(f'"{h}"' for h in head), ",".join(f'"{u}"' for u in ["", "", "", "usecond", "%", "%", "%"]),
         ",".join(f'"{v}"' for v in ["0", "11", "void deltal_kernels::cuda::forward_grad_kernel<c10::BFloat16, 256>"
                                     "(deltal_kernels::FusedPointers)", "3,123.5", "91.2", "23.4", "48.9"])]) + "\n")
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_summary.py"), "--work", str(work),
-                        "--out", str(out), "--gpu", "NVIDIA H200", "--elapsed", "470", "--budget", "540"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    s = (out / "summary.txt").read_text()
-    assert s == r.stdout
+    s = summarize(work, out)
     assert "FAILED: tests, sanitize" in s
     assert "2 failed, 250 passed, 7 skipped in 81 s" in s
     assert "tests/test_triton.py::test_fused[bf16]" in s
@@ -131,3 +126,19 @@ def test_summary_reads_tests_sanitizers_bench_and_ncu(tmp_path):
     assert "forward_grad_kernel<BFloat16, 256>" in s
     assert "DRAM 91.2%" in s and "issue slots 23.4%" in s and "L2 hit 48.9%" in s and "time 3123.5us" in s
     assert "ninja: 3/3 compile steps" in s
+    # a suite killed at its time cap: no closing line, the per-test lines counted
+    (work / "tests.log").write_text("[gw0] [ 1%] PASSED tests/test_a.py::test_x\n"
+                                    "[gw1] [ 2%] FAILED tests/test_a.py::test_y\n"
+                                    "[gw0] [ 3%] PASSED tests/test_a.py::test_z\n")
+    s = summarize(work, out)
+    assert "no pytest closing line (cut short?); per-test lines: 2 passed, 1 failed" in s
+
+
+def summarize(work, out):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_summary.py"), "--work", str(work),
+                        "--out", str(out), "--gpu", "NVIDIA H200", "--elapsed", "470", "--budget", "540"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    s = (out / "summary.txt").read_text()
+    assert s == r.stdout
+    return s
