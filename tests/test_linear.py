@@ -353,3 +353,24 @@ def test_bad_input_names_the_argument():
         args.update(change)
         with pytest.raises(error, match=name):
             dk.linear_policy_loss(args.pop("hidden"), args.pop("weight"), **args)
+
+
+def test_bench_linear_cli_runs_and_writes_results(tmp_path):
+    """deltal-bench --linear end to end on a tiny shape: every implementation computes the same loss
+    (Liger aside: another aggregation), the fused op matmuls only the scored rows (no timing checked)."""
+    import json
+
+    from deltal_kernels.bench.cli import main
+
+    impls = ["linear", "linear accumulate", "materialised", "eager", "matmuls"]
+    assert main(["--linear", "--device", "cpu", "--N", "96", "--H", "16", "--V", "300", "--reps", "1",
+                 "--only", *impls, "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "linear-cpu-custom.json").read_text())
+    rows = {r["impl"]: r for r in doc["results"]}
+    assert set(rows) == set(impls) and all(r["error"] is None and r["fwdbwd_ms"] > 0 for r in rows.values())
+    R = rows["linear"]["scored_rows"]
+    assert 0 < R < 96 and rows["linear"]["matmul_rows"] == R and rows["materialised"]["matmul_rows"] == 96
+    for name in ("linear accumulate", "materialised", "eager"):
+        assert rows[name]["loss"] == pytest.approx(rows["linear"]["loss"], rel=1e-5, abs=1e-7), name
+    assert [t["status"] for t in doc["targets"]] == ["not measured at N=4096 H=512 V=32000 fp32"] * 3
+    assert "FLOPs saved" in (tmp_path / "linear-cpu-custom.md").read_text()
