@@ -13,7 +13,13 @@ soon as the chunk is reduced: one pass, no recompute, per chunk of C scored rows
 
 (backends without ``forward_grad_rows``, i.e. ``torch``, run ``forward_rows`` then ``grad_rows``
 into the same chunk). Unscored rows are gathered out first and never enter a matmul. The chunk
-buffer [C, V] is the only V-sized temporary; C comes from ``chunk_rows`` or a byte budget.
+buffer [C, V] is the only [rows, V] temporary (half-precision weights add V-blocks of the dW
+product, at most a quarter of it); C comes from ``chunk_rows`` or a byte budget.
+
+Objectives whose dL/dlogp_t needs every row first (GSPO's sequence ratio, CISPO, rollout
+correction, separately weighted KL/entropy) run two passes instead (``_LinearStatsFn``): the
+forward keeps logp, entropy and lse per row; the [N]-sized objective runs through autograd
+(``reference.objective_terms``, as ``policy_loss`` does); the backward rebuilds each chunk's logits.
 
 The forward computes the gradients of the loss itself (seed 1); the backward multiplies them by
 the incoming d_loss in float32 on the device (no host sync). Gradients are first order: a
