@@ -374,3 +374,25 @@ def test_bench_linear_cli_runs_and_writes_results(tmp_path):
         assert rows[name]["loss"] == pytest.approx(rows["linear"]["loss"], rel=1e-5, abs=1e-7), name
     assert [t["status"] for t in doc["targets"]] == ["not measured at N=4096 H=512 V=32000 fp32"] * 3
     assert "FLOPs saved" in (tmp_path / "linear-cpu-custom.md").read_text()
+
+
+def test_micro_batches_with_whole_batch_weights_sum_to_the_whole_batch():
+    """Gradient accumulation: weights computed once for the whole batch, each micro-batch's backward as it
+    is; the summed gradients of hidden, weight and bias equal one call on the whole batch."""
+    lengths = [4, 0, 6, 3, 5, 2]
+    batch, params = make_linear(lengths, seed=16)
+    cu = batch["cu_seqlens"].long()
+    L = dk.packing.scored_lengths(batch["cu_seqlens"], batch["loss_mask"])
+    w = dk.sequence_weights(L, "delta-l", max_len=8)
+    _, whole = run_linear(batch, params, backend="torch", max_len=8, chunk_rows=3)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    rows_split = int(cu[3])  # sequences 0-2 | 3-5
+    for seqs, rows in ((slice(0, 3), slice(0, rows_split)), (slice(3, 6), slice(rows_split, None))):
+        part = {k: v[rows] for k, v in batch.items() if k != "cu_seqlens"}
+        part["cu_seqlens"] = (cu[seqs.start:seqs.stop + 1] - cu[seqs.start]).to(batch["cu_seqlens"].dtype)
+        part["advantages"] = batch["advantages"][rows]
+        out = dk.linear_policy_loss(leaves["hidden"][rows], leaves["weight"], bias=leaves["bias"], **part,
+                                    weights=w[seqs], backend="torch", chunk_rows=3)
+        out.loss.backward()
+    for name, g in whole.items():
+        torch.testing.assert_close(leaves[name].grad, g, rtol=1e-5, atol=1e-6 * float(g.abs().max()), msg=name)
