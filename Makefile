@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make bench` (the main job) and `make test`.
-# The torch venv (~7.5 GB) lives outside the clone, in a cache dir keyed by the requirements,
+# The torch venv (~6 GB) lives outside the clone, in a cache dir keyed by the requirements,
 # so fresh clones reuse it; override with VENV=... or DK_CACHE=...
 SHELL := /bin/bash
 PYTHON ?= python3
