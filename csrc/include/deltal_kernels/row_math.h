@@ -161,10 +161,16 @@ DK_HD RowTerms row_terms(float logp, float entropy, float old, float ref, float 
   log_ratio_exp(logp, old, ratio, dratio);
   const float pg = clipped_surrogate(ratio, dratio, adv, p, dpg, t.flags);
   t.kl = kl_term(logp, ref, p.kl_type, dkl);
-  float loss = pg + p.kl_coef * t.kl;
+  // the KL and entropy terms enter only with a non-zero coefficient (as in the reference), so a NaN
+  // KL estimate (a NaN ref log-prob) stays a metric: 0 * NaN would make the loss NaN
+  float loss = pg;
+  t.dlogp = dpg;
+  if (p.kl_coef != 0.0f) {
+    loss = loss + p.kl_coef * t.kl;
+    t.dlogp = t.dlogp + p.kl_coef * dkl;
+  }
   if (p.entropy_coef != 0.0f) loss = loss - p.entropy_coef * entropy;
   t.loss = loss;
-  t.dlogp = dpg + p.kl_coef * dkl;
   return t;
 }
 
@@ -177,11 +183,13 @@ struct RowResult {
   RowTerms terms;
 };
 
+// logp = (zy - m) - log s rather than zy - lse: lse = m + log s rounds log s away where |m| is huge
+// (uniform logits of 1e30 would give logp = 0 instead of -log V).
 DK_HD RowResult row_epilogue(SoftmaxStats st, float zy, bool need_entropy, float old, float ref, float adv,
                              const RowParams& p) {
   RowResult r;
   r.lse = softmax_lse(st);
-  r.logp = zy - r.lse;
+  r.logp = (zy - st.m) - dk_log(st.s);
   r.entropy = need_entropy ? softmax_entropy(st) : 0.0f;
   r.terms = row_terms(r.logp, r.entropy, old, ref, adv, p);
   return r;
