@@ -1,44 +1,62 @@
 // CPU row kernels: parallel over rows (at::parallel_for), vectorised within a row.
 //
 // One row is handled by one thread, so results do not depend on the thread count (deterministic).
-// Within a row the logits are converted to float32 (times 1/tau) a chunk at a time into an
-// L1-resident buffer; the loops over the buffer use 16-lane float32 vectors (GCC/Clang vector
-// extensions), which the compiler lowers to the SIMD of each function clone: AVX-512, AVX2 or the
-// x86-64 baseline SSE2, picked at load time for the running CPU (target_clones). The exponential is
-// a branch-free polynomial on those vectors; bfloat16/float16 loads and stores are vectorised too.
-// The softmax statistics are online per chunk (one pass over the row) and rescaled with the shared
-// row_math.h functions; nothing [N, V]-sized is allocated. The fused forward + gradient runs both
-// per-row functions back to back on one thread, so the gradient pass re-reads a row that is still in
-// that core's cache. Needs GCC or Clang (vector extensions).
+// Within a row the loops run on float32 vectors of the native width of the instruction set picked at
+// load time: 16 lanes (one zmm register) for AVX-512, 8 (one ymm) for AVX2+FMA, 4 (SSE2, or NEON and
+// the like off x86) for the portable fallback. The vector code is written once with GCC/Clang vector
+// extensions, templated on the lane count, and instantiated in functions compiled for each
+// instruction set (__attribute__((target))), so every operation maps to one native instruction
+// (vfmadd, vmaxps, vpslld, ...: the hot loops hold no scalar floating-point instruction); the set
+// follows PyTorch's own CPU capability (at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY=default|avx2|avx512), limited to what the CPU supports.
+//
+// A row is read straight from the logits, 2W elements at a time (float32; bfloat16/float16 widened in
+// registers by a shift or a mask): per chunk of CHUNK elements a max pass (four independent max
+// accumulators), then an exp pass over the same L1-resident chunk accumulating the online softmax
+// statistics (s, u) relative to the running maximum (two accumulators), rescaled when a later chunk
+// raises it; nothing [N, V]-sized is allocated. The exponential is exp_vec below (Cody-Waite
+// reduction, a degree-6 polynomial with FMA, 2^n in the exponent bits; < 0.9 ulp on the FMA paths).
+// The per-row functions (row_stats_*, grad_row_*) are out-of-line functions of each instruction set,
+// so the fused forward + gradient and the separate forward and gradient run the very same machine
+// code: the same bits. The fused path runs them back to back on one thread, so the gradient pass
+// re-reads a row still in that core's cache. Needs GCC or Clang (vector extensions); builds as C++17
+// and C++20.
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "deltal_kernels/kernels.h"
 #include "deltal_kernels/row_math.h"
 #include "deltal_kernels/row_pointers.h"
 
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(DK_NO_TARGET_CLONES) && \
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(DK_NO_TARGET_CLONES) && \
     (!defined(__clang__) || __clang_major__ >= 14)
-#define DK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define DK_CPU_X86_ISAS 1
+#define DK_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define DK_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 #else
-#define DK_CPU_CLONES
+#define DK_CPU_X86_ISAS 0
 #endif
 #if defined(__GNUC__)
 #define DK_CPU_INLINE inline __attribute__((always_inline))
+#define DK_CPU_NOINLINE __attribute__((noinline))
 #else
 #define DK_CPU_INLINE inline
+#define DK_CPU_NOINLINE
 #endif
 
-// The 64-byte vector type below is only ever passed between always_inline functions, so no vector
-// crosses a call boundary and GCC's note that such a call's ABI differs with AVX-512 does not apply.
+// The 32- and 64-byte vector types below are only ever passed between always_inline functions
+// inside functions compiled for AVX2/AVX-512, so no vector crosses a call boundary and GCC's note
+// that such a call's ABI differs without AVX does not apply.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -46,287 +64,530 @@
 namespace deltal_kernels {
 namespace cpu {
 
-constexpr int W = 16;            // lanes of one vector (one AVX-512 register, two AVX2, four SSE2)
-constexpr int64_t CHUNK = 1024;  // elements converted to float32 at a time (4 KiB: stays in L1)
+constexpr int64_t CHUNK = 2048;  // elements per max pass + exp pass (8 KiB of float32: stays in L1)
 
-// GCC/Clang vector extensions: 16 float32 lanes, lowered to the widest SIMD the function is compiled
-// for (see DK_CPU_CLONES), with no intrinsics to keep per instruction set.
-typedef float vfloat __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(W * sizeof(int32_t))));
+// W float32 lanes and the matching integer vectors (GCC/Clang vector extensions): arithmetic,
+// comparisons (lane masks of all ones / zeros), `mask ? a : b` and casts between same-size vector
+// types (bit reinterpretation) lower to single SIMD instructions of the enclosing function's target.
+template <int W>
+struct Vec {
+  typedef float F __attribute__((vector_size(W * sizeof(float))));
+  typedef int32_t I __attribute__((vector_size(W * sizeof(int32_t))));
+  typedef uint32_t U __attribute__((vector_size(W * sizeof(uint32_t))));
+  typedef uint16_t H __attribute__((vector_size(W * sizeof(uint16_t))));
+};
 
-DK_CPU_INLINE vfloat splat(float v) { return vfloat{} + v; }
-DK_CPU_INLINE vfloat load(const float* p) {
-  vfloat v;
+template <typename F>
+DK_CPU_INLINE F splat(float v) {
+  return F{} + v;
+}
+
+template <typename F>
+DK_CPU_INLINE F load(const float* p) {
+  F v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-DK_CPU_INLINE void store(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof(v)); }
-DK_CPU_INLINE vfloat select(const vint& mask, const vfloat& a, const vfloat& b) { return mask ? a : b; }
 
-// exp(x) for x <= 0 (larger x is clamped to 88): Cody-Waite reduction x = n ln2 + r, a degree-6
-// polynomial for exp(r) (Cephes expf, ~1 ulp), and 2^n built in the exponent bits. Returns exactly
-// 0 below -87 (where float32 exp is subnormal; relative to a softmax sum >= 1 it is nothing) and for
-// -inf. exp_lane and exp_vec are the same sequence of IEEE operations, per lane.
 template <typename F>
-DK_CPU_INLINE F exp_reduced(const F& xc, F& n) {  // xc already clamped; returns exp(r), sets n
-  n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
-  F r = xc - n * 0.693359375f;
+DK_CPU_INLINE void store(float* p, const F& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp
+// ---------------------------------------------------------------------------------------------
+// exp(x), lane-wise. x is clamped to [kExpLo, kExpHi] (xc, also returned: the caller's e * xc is a
+// finite 0 where e is 0, -inf inputs included), n = round(xc / ln 2) by the 1.5 * 2^23 shift, the
+// Cody-Waite reduction r = xc - n ln 2 (two constants, |r| <= ln2/2), exp(r) by a degree-6
+// polynomial (Horner, coefficients fitted for minimax relative error on [-ln2/2, ln2/2]: 3e-9), and
+// 2^n built in the exponent bits of the shifted value (the integer n sits in its low mantissa bits).
+// Error against exp of the float32 input, exhaustively over every float32 in [-87.33, 88] (results
+// >= 2^-126): < 0.9 ulp with FMA (the AVX2 and AVX-512 paths, which compute the same bits per lane),
+// < 1.2 ulp without (the portable path). Below: n = -127 gives a zero scale, so exp is exactly 0 for
+// x <= -87.68 and for -inf; in (-87.68, -87.33) it is subnormal, within 2^-149 of the rounded exp
+// (absolute error < 2^-126 everywhere below -87.33: nothing next to a softmax sum >= 1). x > 88
+// gives exp(88). NaN gives NaN (the clamps keep a NaN operand). tests/test_cpu_kernels.py checks
+// these bounds against float64 for each instruction set.
+constexpr float kExpLo = -88.0f;
+constexpr float kExpHi = 88.0f;
+
+template <typename F>
+struct ExpClamp {
+  F lo, hi;
+};
+
+// The clamp bounds, made opaque to the compiler: with a visible constant GCC emits a compare and a
+// blend for `lo > x ? lo : x` instead of the single vmaxps (whose NaN rule is that expression's).
+template <typename F>
+DK_CPU_INLINE ExpClamp<F> exp_clamp() {
+  ExpClamp<F> c{splat<F>(kExpLo), splat<F>(kExpHi)};
+#if defined(__GNUC__) && defined(__x86_64__)
+  __asm__("" : "+x"(c.lo), "+x"(c.hi));
+#endif
+  return c;
+}
+
+template <typename F>
+DK_CPU_INLINE F exp_vec(const F& x, F& xc, const ExpClamp<F>& clamp) {
+  typedef uint32_t U __attribute__((vector_size(sizeof(F))));
+  const F shift = splat<F>(12582912.0f);  // 1.5 * 2^23
+  xc = clamp.lo > x ? clamp.lo : x;       // vmaxps, vminps: a NaN x compares false and stays
+  xc = clamp.hi < xc ? clamp.hi : xc;
+  const F t = xc * 1.44269504088896341f + shift;  // 1.5 * 2^23 + n, n = round(xc / ln 2)
+  const F n = t - shift;
+  F r = xc - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (+ 6e-12): n * 0.693359375 is exact
   r = r - n * -2.12194440e-4f;
-  F y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  return y * (r * r) + r + 1.0f;
+  F p = r * 1.381457201e-03f + 8.368730545e-03f;
+  p = p * r + 4.166838899e-02f;
+  p = p * r + 1.666652113e-01f;
+  p = p * r + 4.999999404e-01f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  // bits of t = 0x4B400000 + n; shifted left by 23 only n << 23 remains (mod 2^32); + 127 << 23 is
+  // the biased exponent of 2^n (n = -127: 0, a zero scale)
+  const U scale = ((U)t << 23) + (127u << 23);
+  return p * (F)scale;
 }
 
-DK_CPU_INLINE float exp_lane(float x) {
-  const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float n;
-  const float y = exp_reduced(xc, n);
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return x < -87.0f ? 0.0f : y * scale;
+// ---------------------------------------------------------------------------------------------
+// Blocks of 2W logits as two float32 vectors (a, b). Loads are exact; gradient stores round to
+// nearest even like the c10 conversions (NaN stays NaN). 16-bit types are read 2W at a time as W
+// 32-bit words, each holding an even element (low half) and an odd one (high half): a holds the
+// even elements, b the odd ones, which costs one shift or mask each way instead of a widening
+// shuffle. The row statistics do not depend on the order, and the gradient is stored back in the
+// same interleaving.
+// ---------------------------------------------------------------------------------------------
+template <int W>
+DK_CPU_INLINE void load_block(const float* p, typename Vec<W>::F& a, typename Vec<W>::F& b) {
+  a = load<typename Vec<W>::F>(p);
+  b = load<typename Vec<W>::F>(p + W);
 }
 
-DK_CPU_INLINE vfloat exp_vec(const vfloat& x) {
-  const vfloat lo = splat(-87.0f), hi = splat(88.0f);
-  const vfloat xc = select(x < lo, lo, select(x > hi, hi, x));
-  vfloat n;
-  const vfloat y = exp_reduced(xc, n);
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  return select(x < lo, splat(0.0f), y * (vfloat)bits);
+template <int W>
+DK_CPU_INLINE typename Vec<W>::U load_words(const void* p) {
+  typename Vec<W>::U w;
+  std::memcpy(&w, p, sizeof(w));
+  return w;
 }
 
-typedef uint16_t vu16 __attribute__((vector_size(W * sizeof(uint16_t))));
-typedef uint32_t vu32 __attribute__((vector_size(W * sizeof(uint32_t))));
-
-// buf[i] = float(x[i]) * scale
-template <typename T>
-DK_CPU_INLINE void to_float(const T* x, int64_t n, float scale, float* buf) {
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]) * scale;
+// bfloat16 is the top half of a float32
+template <int W>
+DK_CPU_INLINE void load_block(const c10::BFloat16* p, typename Vec<W>::F& a, typename Vec<W>::F& b) {
+  const typename Vec<W>::U w = load_words<W>(p);
+  a = (typename Vec<W>::F)(w << 16);
+  b = (typename Vec<W>::F)(w & 0xFFFF0000u);
 }
 
-// bfloat16 is the top half of a float32: widen W at a time
-template <>
-DK_CPU_INLINE void to_float<c10::BFloat16>(const c10::BFloat16* x, int64_t n, float scale, float* buf) {
+// fp16_ieee_to_fp32_value (c10::Half's float conversion) of w = h << 16
+template <int W>
+DK_CPU_INLINE typename Vec<W>::F half_to_float(const typename Vec<W>::U& w) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::U U;
+  typedef typename Vec<W>::I I;
+  const U sign = w & 0x80000000u;
+  const U two_w = w + w;
+  const F normalized = (F)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const F denormalized = (F)((two_w >> 17) | (126u << 23)) - 0.5f;
+  const I is_denormal = (I)(two_w < (1u << 27));
+  return (F)(sign | (U)(is_denormal ? (I)denormalized : (I)normalized));
+}
+
+template <int W>
+DK_CPU_INLINE void load_block(const c10::Half* p, typename Vec<W>::F& a, typename Vec<W>::F& b) {
+  const typename Vec<W>::U w = load_words<W>(p);
+  a = half_to_float<W>(w << 16);
+  b = half_to_float<W>(w & 0xFFFF0000u);
+}
+
+template <int W>
+DK_CPU_INLINE void store_block(float* p, const typename Vec<W>::F& a, const typename Vec<W>::F& b) {
+  store(p, a);
+  store(p + W, b);
+}
+
+// c10::BFloat16(float) in the high half of each word: round to nearest even, NaN -> 0x7FC0
+template <int W>
+DK_CPU_INLINE typename Vec<W>::U bf16_high(const typename Vec<W>::F& v) {
+  typedef typename Vec<W>::U U;
+  typedef typename Vec<W>::I I;
+  const U bits = (U)v;
+  const U rounded = bits + (((bits >> 16) & 1u) + 0x7FFFu);
+  return (U)((I)(v != v) ? (I)(U{} + 0x7FC00000u) : (I)rounded) & 0xFFFF0000u;
+}
+
+template <int W>
+DK_CPU_INLINE void store_block(c10::BFloat16* p, const typename Vec<W>::F& a, const typename Vec<W>::F& b) {
+  const typename Vec<W>::U w = (bf16_high<W>(a) >> 16) | bf16_high<W>(b);
+  std::memcpy(p, &w, sizeof(w));
+}
+
+// c10::Half(float) (fp16_ieee_from_fp32_value: round to nearest even, overflow to inf, NaN -> 0x7E00)
+// in the low half of each word
+template <int W>
+DK_CPU_INLINE typename Vec<W>::U half_low(const typename Vec<W>::F& v) {
+  typedef typename Vec<W>::F F;
+  typedef typename Vec<W>::U U;
+  typedef typename Vec<W>::I I;
+  const U w = (U)v;
+  F base = ((F)(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+  const U shl1_w = w + w;
+  const U sign = w & 0x80000000u;
+  U bias = shl1_w & 0xFF000000u;
+  bias = (U)((I)(bias < 0x71000000u) ? (I)(U{} + 0x71000000u) : (I)bias);
+  base = (F)((bias >> 1) + 0x07800000u) + base;
+  const U bits = (U)base;
+  const U nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return (sign >> 16) | (U)((I)(shl1_w > 0xFF000000u) ? (I)(U{} + 0x7E00u) : (I)nonsign);
+}
+
+template <int W>
+DK_CPU_INLINE void store_block(c10::Half* p, const typename Vec<W>::F& a, const typename Vec<W>::F& b) {
+  const typename Vec<W>::U w = half_low<W>(a) | (half_low<W>(b) << 16);
+  std::memcpy(p, &w, sizeof(w));
+}
+
+// the last n < 2W elements of a row or chunk, in order: a = [0, W), b = [W, 2W), lanes past n = fill
+template <int W, typename T>
+DK_CPU_INLINE void load_tail(const T* p, int64_t n, float fill, typename Vec<W>::F& a, typename Vec<W>::F& b) {
+  alignas(64) float tmp[2 * W];
+  for (int64_t l = 0; l < 2 * W; ++l) tmp[l] = l < n ? static_cast<float>(p[l]) : fill;
+  a = load<typename Vec<W>::F>(tmp);
+  b = load<typename Vec<W>::F>(tmp + W);
+}
+
+template <int W, typename T>
+DK_CPU_INLINE void store_tail(T* p, int64_t n, const typename Vec<W>::F& a, const typename Vec<W>::F& b) {
+  alignas(64) float tmp[2 * W];
+  store(tmp, a);
+  store(tmp + W, b);
+  for (int64_t l = 0; l < n; ++l) p[l] = T(tmp[l]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax statistics of one row
+// ---------------------------------------------------------------------------------------------
+template <typename F>
+DK_CPU_INLINE F vmax(const F& acc, const F& z) {  // vmaxps: a NaN z leaves acc (NaN is handled apart)
+  return z > acc ? z : acc;
+}
+
+// max of x[0, n) (NaN skipped; -inf if there is nothing else)
+template <int W, typename T>
+DK_CPU_INLINE float chunk_max(const T* x, int64_t n) {
+  typedef typename Vec<W>::F F;
+  const F ninf = splat<F>(-INFINITY);
+  F m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  // independent accumulators: no max latency chain
+  F a, b;
   int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    vu16 raw;
-    std::memcpy(&raw, x + i, sizeof(raw));
-    const vu32 bits = __builtin_convertvector(raw, vu32) << 16;
-    store(buf + i, (vfloat)bits * scale);
+  for (; i + 4 * W <= n; i += 4 * W) {
+    load_block<W>(x + i, a, b);
+    m0 = vmax(m0, a);
+    m1 = vmax(m1, b);
+    load_block<W>(x + i + 2 * W, a, b);
+    m2 = vmax(m2, a);
+    m3 = vmax(m3, b);
   }
-  for (; i < n; ++i) buf[i] = static_cast<float>(x[i]) * scale;
-}
-
-// out[i] = T(buf[i]) (round to nearest even)
-template <typename T>
-DK_CPU_INLINE void from_float(const float* buf, int64_t n, T* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = T(buf[i]);
-}
-
-// c10::BFloat16(float), W at a time: round to nearest even, NaN -> 0x7FC0
-template <>
-DK_CPU_INLINE void from_float<c10::BFloat16>(const float* buf, int64_t n, c10::BFloat16* out) {
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const vfloat v = load(buf + i);
-    const vu32 bits = (vu32)v;
-    const vu32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
-    const vu32 result = (vu32)((vint)(v != v) ? (vint)(vu32{} + 0x7FC0u) : (vint)rounded);
-    const vu16 narrow = __builtin_convertvector(result, vu16);
-    std::memcpy(out + i, &narrow, sizeof(narrow));
+  if (i + 2 * W <= n) {
+    load_block<W>(x + i, a, b);
+    m0 = vmax(m0, a);
+    m1 = vmax(m1, b);
+    i += 2 * W;
   }
-  for (; i < n; ++i) out[i] = c10::BFloat16(buf[i]);
-}
-
-DK_CPU_INLINE vu32 select_u32(const vint& mask, const vu32& a, const vu32& b) {
-  return (vu32)(mask ? (vint)a : (vint)b);
-}
-
-// c10::Half(float) (fp16_ieee_from_fp32_value: round to nearest even, overflow to inf, NaN -> 0x7E00),
-// W at a time
-template <>
-DK_CPU_INLINE void from_float<c10::Half>(const float* buf, int64_t n, c10::Half* out) {
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    const vu32 w = (vu32)load(buf + i);
-    vfloat base = ((vfloat)(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
-    const vu32 shl1_w = w + w;
-    const vu32 sign = w & 0x80000000u;
-    vu32 bias = shl1_w & 0xFF000000u;
-    bias = select_u32(bias < 0x71000000u, vu32{} + 0x71000000u, bias);
-    base = (vfloat)((bias >> 1) + 0x07800000u) + base;
-    const vu32 bits = (vu32)base;
-    const vu32 nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-    const vu32 result = (sign >> 16) | select_u32(shl1_w > 0xFF000000u, vu32{} + 0x7E00u, nonsign);
-    const vu16 narrow = __builtin_convertvector(result, vu16);
-    std::memcpy(out + i, &narrow, sizeof(narrow));
+  if (i < n) {
+    load_tail<W>(x + i, n - i, -INFINITY, a, b);
+    m2 = vmax(m2, a);
+    m3 = vmax(m3, b);
   }
-  for (; i < n; ++i) out[i] = c10::Half(buf[i]);
+  const F m = vmax(vmax(m0, m1), vmax(m2, m3));
+  float r = m[0];
+  for (int l = 1; l < W; ++l) r = m[l] > r ? m[l] : r;  // once per chunk
+  return r;
 }
 
-// buf[0, n) = x * inv_tau; buf[n, round_up(n, W)) = -inf (adds nothing to the statistics)
 template <typename T>
-DK_CPU_INLINE int64_t load_chunk(const T* x, int64_t n, float inv_tau, float* buf) {
-  to_float(x, n, inv_tau, buf);
-  const int64_t padded = (n + W - 1) / W * W;
-  for (int64_t i = n; i < padded; ++i) buf[i] = -INFINITY;
-  return padded;
+DK_CPU_INLINE bool any_nan(const T* x, int64_t n) {  // only for chunks with no finite value or +inf
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    if (v != v) return true;
+  }
+  return false;
 }
 
-DK_CPU_INLINE float hmax(const vfloat& v) {
-  float m = v[0];
-  for (int l = 1; l < W; ++l) m = v[l] > m ? v[l] : m;
-  return m;
-}
-
-// Softmax statistics of z = x * inv_tau over one row, in one pass: per lane online (s, u) relative to
-// the running maximum m, rescaled when a chunk raises it; the lanes are summed in a fixed order.
-template <typename T>
+// Softmax statistics of z = x * inv_tau (inv_tau > 0) over one row, in one pass over the logits:
+// per chunk its max (of x: the rounding of x * inv_tau is monotonic), then per lane the online
+// (s, u) relative to the running maximum m, rescaled when a chunk raises it (softmax_rescale of
+// row_math.h, all lanes at once: they share m); two accumulators, summed with the lanes in a fixed
+// order at the end. d = z - m is one fused x * inv_tau - m. u (for the entropy) only with kEntropy.
+// Non-finite logits give the reference's NaN: a NaN makes s NaN (through exp, or the nan flag for a
+// chunk of nothing but NaN and -inf), a +inf gives m = inf and inf - inf = NaN; a row of -inf only
+// gives m = -inf, s = 0, whose log-probability (-inf) - (-inf) is NaN.
+template <int W, typename T, bool kEntropy>
 DK_CPU_INLINE SoftmaxStats row_stats(const T* x, int64_t V, float inv_tau) {
-  alignas(64) float buf[CHUNK];
-  vfloat s = splat(0.0f), u = splat(0.0f);
+  typedef typename Vec<W>::F F;
+  const ExpClamp<F> clamp = exp_clamp<F>();
+  const F tau = splat<F>(inv_tau);
+  F s0 = splat<F>(0.0f), s1 = s0, u0 = s0, u1 = s0;
   float m = -INFINITY;
+  bool nan = false;
   for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
-    const int64_t nb = load_chunk(x + c0, std::min(CHUNK, V - c0), inv_tau, buf);
-    vfloat cm = splat(-INFINITY);
-    for (int64_t i = 0; i < nb; i += W) {
-      const vfloat z = load(buf + i);
-      cm = select(z > cm, z, cm);
+    const T* xc = x + c0;
+    const int64_t n = std::min(CHUNK, V - c0);
+    const float xm = chunk_max<W>(xc, n);
+    if (!(xm > -INFINITY)) {  // nothing but -inf and NaN: adds nothing, unless NaN
+      nan = nan || any_nan(xc, n);
+      continue;
     }
-    const float chunk_max = hmax(cm);
-    if (chunk_max == -INFINITY) continue;  // nothing but -inf in this chunk
-    if (chunk_max > m) {
-      for (int l = 0; l < W; ++l) {
-        const SoftmaxStats r = softmax_rescale({m, s[l], u[l]}, chunk_max);
-        s[l] = r.s;
-        u[l] = r.u;
+    const float cm = xm * inv_tau;
+    if (cm > m) {
+      if (m != -INFINITY) {  // softmax_rescale: s * c, c * (u + d * s), with d = m - cm, c = exp(d)
+        const float d = m - cm;
+        const F c = splat<F>(dk_exp(d)), dv = splat<F>(d);
+        u0 = c * (u0 + dv * s0);
+        u1 = c * (u1 + dv * s1);
+        s0 = s0 * c;
+        s1 = s1 * c;
       }
-      m = chunk_max;
+      m = cm;
     }
-    const vfloat mv = splat(m), zero = splat(0.0f);
-    for (int64_t i = 0; i < nb; i += W) {
-      const vfloat d = load(buf + i) - mv;
-      const vfloat e = exp_vec(d);
-      s += e;
-      u += select(e > zero, e * d, zero);
+    const F neg_m = splat<F>(-m);
+    for (int64_t i = 0; i < n; i += 2 * W) {
+      F a, b, dca, dcb;
+      if (i + 2 * W <= n) {
+        load_block<W>(xc + i, a, b);
+      } else {
+        load_tail<W>(xc + i, n - i, -INFINITY, a, b);  // -inf lanes: e = 0, e * dc = 0
+      }
+      const F ea = exp_vec(a * tau + neg_m, dca, clamp);
+      const F eb = exp_vec(b * tau + neg_m, dcb, clamp);
+      s0 += ea;
+      s1 += eb;
+      if (kEntropy) {
+        u0 += ea * dca;  // e * d, 0 where e is 0 (dc is d clamped to >= -88: finite)
+        u1 += eb * dcb;
+      }
     }
   }
+  const F s = s0 + s1, u = u0 + u1;
   SoftmaxStats st{m, 0.0f, 0.0f};
   for (int l = 0; l < W; ++l) {
     st.s += s[l];
     st.u += u[l];
   }
+  if (nan) st.s = NAN;
   return st;
 }
 
-// One scored row x = logits[row]: one pass over V, the epilogue, the [N] outputs written.
+// ---------------------------------------------------------------------------------------------
+// Gradient of one row
+// ---------------------------------------------------------------------------------------------
+// dL/dx_j = (g * (onehot_j - p_j) - h * p_j * (log p_j + H)) / tau, p_j = exp(log p_j),
+// log p_j = x_j * inv_tau - lse (one fused operation), into out (may be x itself: each block is
+// read before it is written). The target element is then rewritten by row_math.h's logit_grad.
+template <int W, typename T, bool kEntropy>
+DK_CPU_INLINE void grad_row_blocks(const T* x, T* out, int64_t V, float lse, float H, float g, float h,
+                                   float inv_tau) {
+  typedef typename Vec<W>::F F;
+  const ExpClamp<F> clamp = exp_clamp<F>();
+  const F tau = splat<F>(inv_tau), neg_lse = splat<F>(-lse);
+  const F c = splat<F>(-g * inv_tau);  // no entropy term: dL/dx_j = p_j * (-g / tau)
+  const F neg_g = splat<F>(-g), hv = splat<F>(h), Hv = splat<F>(H);
+  for (int64_t i = 0; i < V; i += 2 * W) {
+    const bool full = i + 2 * W <= V;
+    F a, b, lpa, lpb;
+    if (full) {
+      load_block<W>(x + i, a, b);
+    } else {
+      load_tail<W>(x + i, V - i, 0.0f, a, b);
+    }
+    const F pa = exp_vec(a * tau + neg_lse, lpa, clamp);
+    const F pb = exp_vec(b * tau + neg_lse, lpb, clamp);
+    F ga, gb;
+    if (kEntropy) {  // logit_grad's formula; lp is log p clamped to >= -88: p * (lp + H) is 0 where p is 0
+      ga = (neg_g * pa - hv * (pa * (lpa + Hv))) * tau;
+      gb = (neg_g * pb - hv * (pb * (lpb + Hv))) * tau;
+    } else {
+      ga = pa * c;
+      gb = pb * c;
+    }
+    if (full) {
+      store_block<W>(out + i, ga, gb);
+    } else {
+      store_tail<W>(out + i, V - i, ga, gb);
+    }
+  }
+}
+
+template <int W, typename T>
+DK_CPU_INLINE void grad_row(const T* x, T* out, int64_t V, int64_t y, float lse, float H, float g, float h,
+                            float inv_tau) {
+  typedef typename Vec<W>::F F;
+  const float zy = static_cast<float>(x[y]) * inv_tau;  // read before out (maybe x itself) is written
+  if (h == 0.0f) {
+    grad_row_blocks<W, T, false>(x, out, V, lse, H, g, h, inv_tau);
+  } else {
+    grad_row_blocks<W, T, true>(x, out, V, lse, H, g, h, inv_tau);
+  }
+  F unused;
+  const float log_py = zy - lse;
+  const float py = exp_vec(splat<F>(log_py), unused, exp_clamp<F>())[0];
+  out[y] = T(logit_grad(log_py, py, true, H, g, h, inv_tau));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The per-row functions of each instruction set: out of line, so that every caller (forward,
+// gradient, fused) runs the same machine code.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct RowFunctions {
+  SoftmaxStats (*stats)(const T* x, int64_t V, float inv_tau, bool entropy);
+  void (*grad)(const T* x, T* out, int64_t V, int64_t y, float lse, float H, float g, float h, float inv_tau);
+};
+
+#define DK_ROW_FUNCTIONS(NAME, TARGET, WIDTH, T)                                                               \
+  TARGET DK_CPU_NOINLINE SoftmaxStats row_stats_##NAME(const T* x, int64_t V, float inv_tau, bool entropy) {   \
+    return entropy ? row_stats<WIDTH, T, true>(x, V, inv_tau) : row_stats<WIDTH, T, false>(x, V, inv_tau);    \
+  }                                                                                                           \
+  TARGET DK_CPU_NOINLINE void grad_row_##NAME(const T* x, T* out, int64_t V, int64_t y, float lse, float H,    \
+                                              float g, float h, float inv_tau) {                              \
+    grad_row<WIDTH, T>(x, out, V, y, lse, H, g, h, inv_tau);                                                   \
+  }
+
+#define DK_NO_TARGET
+DK_ROW_FUNCTIONS(f32_portable, DK_NO_TARGET, 4, float)
+DK_ROW_FUNCTIONS(f16_portable, DK_NO_TARGET, 4, c10::Half)
+DK_ROW_FUNCTIONS(bf16_portable, DK_NO_TARGET, 4, c10::BFloat16)
+#if DK_CPU_X86_ISAS
+DK_ROW_FUNCTIONS(f32_avx2, DK_TARGET_AVX2, 8, float)
+DK_ROW_FUNCTIONS(f16_avx2, DK_TARGET_AVX2, 8, c10::Half)
+DK_ROW_FUNCTIONS(bf16_avx2, DK_TARGET_AVX2, 8, c10::BFloat16)
+DK_ROW_FUNCTIONS(f32_avx512, DK_TARGET_AVX512, 16, float)
+DK_ROW_FUNCTIONS(f16_avx512, DK_TARGET_AVX512, 16, c10::Half)
+DK_ROW_FUNCTIONS(bf16_avx512, DK_TARGET_AVX512, 16, c10::BFloat16)
+#endif
+
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+// PyTorch's CPU capability (what its own vectorised kernels use; ATEN_CPU_CAPABILITY overrides it),
+// limited to what this CPU runs
+Isa pick_isa() {
+#if DK_CPU_X86_ISAS
+  const std::string capability = at::get_cpu_capability();
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (capability == "AVX512" && avx512) return Isa::kAvx512;
+  if ((capability == "AVX512" || capability == "AVX2") && avx2) return Isa::kAvx2;
+#endif
+  return Isa::kPortable;
+}
+
+Isa isa() {
+  static const Isa picked = pick_isa();
+  return picked;
+}
+
+template <typename T>
+RowFunctions<T> row_functions();
+
+#if DK_CPU_X86_ISAS
+#define DK_PICK(T, NAME)                                                                   \
+  template <>                                                                              \
+  RowFunctions<T> row_functions<T>() {                                                     \
+    switch (isa()) {                                                                       \
+      case Isa::kAvx512:                                                                   \
+        return {row_stats_##NAME##_avx512, grad_row_##NAME##_avx512};                      \
+      case Isa::kAvx2:                                                                     \
+        return {row_stats_##NAME##_avx2, grad_row_##NAME##_avx2};                          \
+      default:                                                                             \
+        return {row_stats_##NAME##_portable, grad_row_##NAME##_portable};                  \
+    }                                                                                      \
+  }
+#else
+#define DK_PICK(T, NAME)                                                                   \
+  template <>                                                                              \
+  RowFunctions<T> row_functions<T>() {                                                     \
+    return {row_stats_##NAME##_portable, grad_row_##NAME##_portable};                      \
+  }
+#endif
+DK_PICK(float, f32)
+DK_PICK(c10::Half, f16)
+DK_PICK(c10::BFloat16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// Rows: forward, gradient, fused (plain code; the vector work is in the per-row functions)
+// ---------------------------------------------------------------------------------------------
+
+// One scored row x = logits[row]: its statistics, the epilogue, the [N] outputs written.
 // (An out-of-range target throws here, before the row is read; the CUDA kernels, which cannot throw,
 // give NaN instead.)
 template <typename T>
-DK_CPU_INLINE RowResult forward_row(const ForwardPointers& a, int64_t row, const T* x) {
+RowResult forward_row(const ForwardPointers& a, const RowFunctions<T>& k, int64_t row, const T* x) {
   const int64_t y = a.targets[row];
   TORCH_CHECK_INDEX(y >= 0 && y < a.V, "targets: row ", row, " has target ", y, ", outside [0, V=", a.V, ")");
-  const SoftmaxStats st = row_stats(x, a.V, a.inv_tau);
+  const SoftmaxStats st = k.stats(x, a.V, a.inv_tau, a.need_entropy);
   const RowResult r = forward_row_result(a, row, st, static_cast<float>(x[y]) * a.inv_tau);
   store_row(a, row, r);
   return r;
 }
 
+// One row of the gradient. g = h = 0 with finite statistics: exact zeros, the logits are not read
+// (unscored rows, rows whose loss does not depend on logp). A non-finite lse (NaN, +inf or only -inf
+// logits: the forward gave NaN) makes the whole row NaN, as the reference's log_softmax backward does.
 template <typename T>
-DK_CPU_INLINE void forward_range(const ForwardPointers& a, int64_t begin, int64_t end) {
+void grad_row_checked(const RowFunctions<T>& k, const T* x, T* out, int64_t V, int64_t row, int64_t y, float lse,
+                      float H, float g, float h, float inv_tau) {
+  if (g == 0.0f && h == 0.0f && std::isfinite(lse)) {
+    std::memset(static_cast<void*>(out), 0, sizeof(T) * V);  // +0.0 in every dtype
+    return;
+  }
+  TORCH_CHECK_INDEX(y >= 0 && y < V, "targets: row ", row, " has target ", y, ", outside [0, V=", V, ")");
+  k.grad(x, out, V, y, lse, H, g, h, inv_tau);
+}
+
+template <typename T>
+void forward_range(const ForwardPointers& a, int64_t begin, int64_t end) {
+  const RowFunctions<T> k = row_functions<T>();
   const T* logits = static_cast<const T*>(a.logits);
   for (int64_t row = begin; row < end; ++row) {
     if (a.scored[row]) {
-      forward_row(a, row, logits + row * a.V);
+      forward_row(a, k, row, logits + row * a.V);
     } else {
       store_unscored_row(a, row);
     }
   }
 }
 
-DK_CPU_CLONES void forward_range_f32(const ForwardPointers& a, int64_t b, int64_t e) { forward_range<float>(a, b, e); }
-DK_CPU_CLONES void forward_range_f16(const ForwardPointers& a, int64_t b, int64_t e) {
-  forward_range<c10::Half>(a, b, e);
-}
-DK_CPU_CLONES void forward_range_bf16(const ForwardPointers& a, int64_t b, int64_t e) {
-  forward_range<c10::BFloat16>(a, b, e);
-}
-
-// One row of the gradient into out (may be x itself: every chunk is read before it is written).
-// buf: a CHUNK-float scratch buffer.
 template <typename T>
-DK_CPU_INLINE void grad_row(const T* x, T* out, int64_t V, int64_t row, int64_t y, float lse, float H, float g,
-                            float h, float inv_tau, float* buf) {
-  if (g == 0.0f && h == 0.0f) {  // exact zeros, the logits are not read
-    for (int64_t i = 0; i < V; ++i) out[i] = T(0.0f);
-    return;
-  }
-  TORCH_CHECK_INDEX(y >= 0 && y < V, "targets: row ", row, " has target ", y, ", outside [0, V=", V, ")");
-  const float zy = static_cast<float>(x[y]) * inv_tau;  // read before out (maybe x itself) is written
-  const vfloat lse_v = splat(lse), H_v = splat(H), zero = splat(0.0f);
-  for (int64_t c0 = 0; c0 < V; c0 += CHUNK) {
-    const int64_t n = std::min(CHUNK, V - c0);
-    const int64_t nb = load_chunk(x + c0, n, inv_tau, buf);
-    for (int64_t i = 0; i < nb; i += W) {  // logit_grad of row_math.h, W lanes at a time
-      const vfloat log_p = load(buf + i) - lse_v;
-      const vfloat p = exp_vec(log_p);
-      vfloat grad = -g * p;
-      grad -= h * select(p > zero, p * (log_p + H_v), zero);
-      store(buf + i, grad * inv_tau);
-    }
-    from_float(buf, n, out + c0);
-  }
-  const float log_py = zy - lse;
-  out[y] = T(logit_grad(log_py, exp_lane(log_py), true, H, g, h, inv_tau));
-}
-
-template <typename T>
-DK_CPU_INLINE void grad_range(const GradPointers& a, int64_t begin, int64_t end) {
-  alignas(64) float buf[CHUNK];
+void grad_range(const GradPointers& a, int64_t begin, int64_t end) {
+  const RowFunctions<T> k = row_functions<T>();
   for (int64_t row = begin; row < end; ++row) {
-    grad_row(static_cast<const T*>(a.logits) + row * a.V, static_cast<T*>(a.out) + row * a.V, a.V, row,
-             a.targets[row], a.lse[row], a.entropy[row], a.g[row], a.h[row], a.inv_tau, buf);
+    grad_row_checked(k, static_cast<const T*>(a.logits) + row * a.V, static_cast<T*>(a.out) + row * a.V, a.V, row,
+                     a.targets[row], a.lse[row], a.entropy[row], a.g[row], a.h[row], a.inv_tau);
   }
-}
-
-DK_CPU_CLONES void grad_range_f32(const GradPointers& a, int64_t b, int64_t e) { grad_range<float>(a, b, e); }
-DK_CPU_CLONES void grad_range_f16(const GradPointers& a, int64_t b, int64_t e) { grad_range<c10::Half>(a, b, e); }
-DK_CPU_CLONES void grad_range_bf16(const GradPointers& a, int64_t b, int64_t e) {
-  grad_range<c10::BFloat16>(a, b, e);
 }
 
 // forward_range and grad_range in one pass over the rows: each row is reduced, then re-read for its
 // gradient while it is still in this core's cache (<= 1 MiB for V <= 256k float32), instead of from
 // DRAM in a later backward pass. Same functions, same arguments: the same bits as the two passes.
 template <typename T>
-DK_CPU_INLINE void forward_grad_range(const FusedPointers& a, int64_t begin, int64_t end) {
+void forward_grad_range(const FusedPointers& a, int64_t begin, int64_t end) {
+  const RowFunctions<T> k = row_functions<T>();
   const ForwardPointers& f = a.fwd;
   const int64_t V = f.V;
-  alignas(64) float buf[CHUNK];
   for (int64_t row = begin; row < end; ++row) {
     const T* x = static_cast<const T*>(f.logits) + row * V;
     T* out = static_cast<T*>(a.out) + row * V;
     if (!f.scored[row]) {
       store_unscored_row(f, row);
-      grad_row(x, out, V, row, 0, 0.0f, 0.0f, 0.0f, 0.0f, f.inv_tau, buf);  // zeros
+      grad_row_checked(k, x, out, V, row, 0, 0.0f, 0.0f, 0.0f, 0.0f, f.inv_tau);  // zeros
       continue;
     }
-    const RowResult r = forward_row(f, row, x);
+    const RowResult r = forward_row(f, k, row, x);
     const GradFactors gh = fused_grad_factors(a, row, r);
-    grad_row(x, out, V, row, f.targets[row], r.lse, r.entropy, gh.g, gh.h, f.inv_tau, buf);
+    grad_row_checked(k, x, out, V, row, f.targets[row], r.lse, r.entropy, gh.g, gh.h, f.inv_tau);
   }
-}
-
-DK_CPU_CLONES void forward_grad_range_f32(const FusedPointers& a, int64_t b, int64_t e) {
-  forward_grad_range<float>(a, b, e);
-}
-DK_CPU_CLONES void forward_grad_range_f16(const FusedPointers& a, int64_t b, int64_t e) {
-  forward_grad_range<c10::Half>(a, b, e);
-}
-DK_CPU_CLONES void forward_grad_range_bf16(const FusedPointers& a, int64_t b, int64_t e) {
-  forward_grad_range<c10::BFloat16>(a, b, e);
 }
 
 // rows per parallel task: about 64k elements each, so small-V batches are not split too finely
@@ -340,7 +601,8 @@ void forward_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const
                       bool need_entropy, ForwardOutputs& out) {
   const ForwardPointers a =
       forward_pointers(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, inv_tau, need_entropy, out);
-  const auto fn = by_logits_dtype(logits, cpu::forward_range_f32, cpu::forward_range_f16, cpu::forward_range_bf16);
+  const auto fn = by_logits_dtype(logits, cpu::forward_range<float>, cpu::forward_range<c10::Half>,
+                                  cpu::forward_range<c10::BFloat16>);
   at::parallel_for(0, a.N, cpu::grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
@@ -351,8 +613,8 @@ void forward_grad_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, 
                            ForwardOutputs& out, const at::Tensor& grad) {
   const FusedPointers a = fused_pointers(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params,
                                          inv_tau, need_entropy, row_weights, grad_scale, out, grad);
-  const auto fn = by_logits_dtype(logits, cpu::forward_grad_range_f32, cpu::forward_grad_range_f16,
-                                  cpu::forward_grad_range_bf16);
+  const auto fn = by_logits_dtype(logits, cpu::forward_grad_range<float>, cpu::forward_grad_range<c10::Half>,
+                                  cpu::forward_grad_range<c10::BFloat16>);
   at::parallel_for(0, a.fwd.N, cpu::grain(a.fwd.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
@@ -360,7 +622,8 @@ void grad_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const at
                    const at::Tensor& entropy, const at::Tensor& g, const at::Tensor& h, float inv_tau,
                    const at::Tensor& out) {
   const GradPointers a = grad_pointers(logits, targets, lse, entropy, g, h, inv_tau, out);
-  const auto fn = by_logits_dtype(logits, cpu::grad_range_f32, cpu::grad_range_f16, cpu::grad_range_bf16);
+  const auto fn =
+      by_logits_dtype(logits, cpu::grad_range<float>, cpu::grad_range<c10::Half>, cpu::grad_range<c10::BFloat16>);
   at::parallel_for(0, a.N, cpu::grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
