@@ -47,7 +47,9 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
-    return f"{model} ({torch.get_num_threads()} threads)"
+    # the vector ISA PyTorch's CPU kernels run (and the cpu backend's, which follows it;
+    # ATEN_CPU_CAPABILITY=default|avx2|avx512 picks one): the baselines' speed depends on it too
+    return f"{model} ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def peak_bandwidth(device: torch.device) -> Optional[float]:
