@@ -9,8 +9,9 @@ Batch invariance: the same row gives the same bits alone or in any batch, whatev
 The row kernels reduce each row on its own (no cross-row reduction), and the linear form computes
 every chunk's logits with a matmul of one fixed shape, [chunk_rows, H] @ [H, V] (the last chunk is
 padded with zero rows), so the GEMM a row goes through does not depend on N, on the row's position
-or on the mask. ``chunk_rows`` (default: from a byte budget that depends on V and the dtype only)
-is part of that shape: the same value gives the same bits.
+or on the mask. ``chunk_rows`` (default: min(256, a byte budget that depends on V and the dtype only))
+is part of that shape: the same value gives the same bits. By default the shape is
+min(256, the byte budget's rows), so a small batch pads at most 255 rows.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ import torch
 from .dispatch import _load
 from .linear import _LogitsShape, check_backend, check_linear, chunk_logits, resolve_chunk_rows
 from .validation import prepare
+
+# the default fixed chunk shape of linear_token_logprobs: at most this many rows (fewer when the byte
+# budget of one [rows, V] chunk says so); the last chunk is padded to it, so N < 256 wastes < 256 rows
+FIXED_CHUNK_ROWS = 256
 
 
 def _prepare(logits, targets, temperature, with_entropy, loss_mask):
@@ -61,6 +66,8 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     b = _prepare(_LogitsShape(N, V, hidden.dtype, hidden.device), targets, temperature, with_entropy, loss_mask)
     name = check_backend(backend, hidden.device, hidden.dtype)
     C = resolve_chunk_rows(chunk_rows, V, hidden.dtype, hidden.device)
+    if chunk_rows is None:  # every chunk is padded to C rows: a small fixed shape wastes little on small batches
+        C = min(C, FIXED_CHUNK_ROWS)
     module = _load(name)
     dev, cd = hidden.device, b.old_logprobs.dtype
     logp = torch.zeros(N, dtype=cd, device=dev)

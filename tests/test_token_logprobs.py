@@ -111,6 +111,11 @@ def test_batch_invariance(backend, dtype):
     mask = d["mask"]
     lp, _ = dk.linear_token_logprobs(d["hidden"], d["weight"], d["targets"], loss_mask=mask, **lin)
     assert torch.equal(lp[mask], full_lp[mask]) and not lp[~mask].any()
+    # the default fixed shape too (one padded chunk here)
+    default_full, _ = dk.linear_token_logprobs(d["hidden"], d["weight"], d["targets"], bias=d["bias"], backend=backend)
+    alone, _ = dk.linear_token_logprobs(d["hidden"][3:4], d["weight"], d["targets"][3:4], bias=d["bias"],
+                                        backend=backend)
+    assert torch.equal(alone, default_full[3:4])
 
 
 class LargestTensor(TorchDispatchMode):
