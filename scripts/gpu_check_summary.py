@@ -199,6 +199,12 @@ def summary(work: Path, out: Path, gpu: str, elapsed: int, budget: int, dry_run:
             lines.extend(ln[:WIDTH] for ln in bench_lines(out))
         elif s["name"] == "ncu" and s["status"] not in ("skipped", "dry-run"):
             lines.extend(ln[:WIDTH] for ln in ncu_lines(out))
+        elif s["name"] == "kernel-report" and s["status"] in ("ok", "FAILED"):
+            rows = [ln for ln in text(out / "kernel-report.txt").splitlines() if ln.startswith(("cuda ", "triton "))]
+            bad = [ln for ln in rows if not ln.rstrip().endswith(("ok", "(not budgeted)"))]
+            lines.append(f"  {len(rows)} kernel variants, {len(bad)} not ok")
+            lines.extend(f"  ! {re.sub(r' {2,}', ' ', ln)}"[:WIDTH] for ln in bad[:3])
+            continue  # the log's tail says no more
         elif s["name"] == "build" and s["status"] != "dry-run":
             m = re.findall(r"^\[(\d+)/(\d+)\]", log, flags=re.M)
             if m:
