@@ -209,7 +209,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["deltal_kernels", "deltal_kernels.*"]),
     install_requires=["torch>=2.11"],
-    extras_require={"bench": ["rich", "matplotlib"], "test": ["pytest", "hypothesis"],
+    extras_require={"bench": ["rich", "matplotlib", "liger-kernel"], "test": ["pytest", "hypothesis"],
                     "trl": ["trl"], "liger": ["liger-kernel"]},
     entry_points={"console_scripts": ["deltal-bench = deltal_kernels.bench:main"]},
     ext_modules=ext_modules,

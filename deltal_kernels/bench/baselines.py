@@ -97,6 +97,8 @@ def chunked_loss(logits, batch, chunk_rows: int = CHUNK_ROWS):
 def liger_unavailable_reason(device) -> Optional[str]:
     if torch.device(device).type != "cuda":
         return "Liger-Kernel runs CUDA tensors only"
+    if not torch.cuda.is_available():
+        return "Liger-Kernel runs CUDA tensors only and torch sees no CUDA device"
     try:
         import liger_kernel.transformers.grpo_loss  # noqa: F401
     except ImportError as e:
