@@ -38,7 +38,9 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import describe
 from .dispatch import _load, resolve_backend, weighted_sum
-from .output import PolicyLossOutput, token_means
+from .loss import kernel_output
+from .output import PolicyLossOutput
+from .reference import objective_terms
 from .validation import LOGITS_DTYPES, prepare
 
 # default byte budget of the [C, V] chunk buffer, per device type
@@ -427,7 +429,6 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
         if accumulate_weight_grad:
             raise ValueError("accumulate_weight_grad: needs the one-pass schedule (token-level PPO, no rollout "
                              "correction, kl_entropy_agg=None)")
-        from .reference import objective_terms
 
         if any(need):
             logp, entropy, _ = _LinearStatsFn.apply(hidden, weight, bias, prep)
@@ -443,14 +444,4 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
         (logp, entropy, loss_rows, kl, flags), _ = _run_chunks(hidden, weight, bias, prep)
         loss = weighted_sum(b.row_weights, loss_rows)
 
-    dtype = logp.dtype
-    metrics = token_means(
-        b.scored,
-        clipfrac=(flags & 1).to(dtype),
-        clipfrac_lower=((flags & 2) != 0).to(dtype),
-        approx_kl=b.old_logprobs - logp,
-        kl=kl if b.ref_logprobs is not None else None,
-        entropy=entropy if b.need_entropy else None,
-    )
-    return PolicyLossOutput(loss=loss, logprobs=logp.detach(), entropy=entropy.detach() if b.need_entropy else None,
-                            metrics=metrics)
+    return kernel_output(b, loss, logp, entropy, kl, flags)

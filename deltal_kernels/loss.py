@@ -58,6 +58,11 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
             p.clip_high, p.dual_clip, p.kl_coef, p.kl_type, p.entropy_coef, p.temperature, b.need_entropy,
             inplace_backward)
         loss = weighted_sum(b.row_weights, loss_rows)
+    return kernel_output(b, loss, logp, entropy, kl, flags)
+
+
+def kernel_output(b, loss, logp, entropy, kl, flags) -> PolicyLossOutput:
+    """The result from the row kernels' outputs (per-token PPO): the metrics from their [N] columns."""
     dtype = logp.dtype
     metrics = token_means(
         b.scored,

@@ -14,7 +14,7 @@ import deltal_kernels as dk
 from deltal_kernels.bench.measure import _cpu_peak_bytes
 from deltal_kernels.dispatch import unavailable_reason
 
-from cases import BACKENDS, ROUNDING, SMALLEST, device_for, make_batch
+from cases import BACKENDS, ROUNDING, SMALLEST, backend_device, make_batch
 
 LENGTHS = [0, 5, 1, 0, 9, 3, 0]
 V, H = 300, 24
@@ -38,14 +38,6 @@ OPTIONS = {
     "rollout-sequence-mask": dict(max_len=16, rollout_correction="sequence_mask", rollout_clip=(0.5, 2.0)),
     "kl-entropy-token-mean": dict(max_len=16, kl_entropy_agg="token-mean", kl_coef=0.05, entropy_coef=0.01),
 }
-
-
-def backend_device(backend):
-    device = device_for(backend)
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(reason)
-    return device
 
 
 def make_linear(lengths, *, dtype=torch.float32, device="cpu", seed=0, mask_frac=0.25, bias=True, h=H, v=V):

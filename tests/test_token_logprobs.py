@@ -5,19 +5,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import deltal_kernels as dk
-from deltal_kernels.dispatch import unavailable_reason
 
-from cases import BACKENDS, device_for
+from cases import BACKENDS, backend_device
 
 V, H = 301, 24
-
-
-def backend_device(backend):
-    device = device_for(backend)
-    reason = unavailable_reason(backend, device)
-    if reason is not None:
-        pytest.skip(reason)
-    return device
 
 
 def data(N, *, seed=0, dtype=torch.float32, device="cpu", v=V, h=H):
