@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import platform
 import re
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 import torch
 from rich.console import Console
@@ -33,6 +36,112 @@ MEMORY_METHOD = {
 }
 
 
+RUNS_ENV = "DELTAL_BENCH_RUNS"
+
+
+def runs_root() -> Path:
+    """Where run folders go: $DELTAL_BENCH_RUNS; else bench/runs/ of the clone the package is imported
+    from (git-ignored); else ./deltal-bench-runs/ (an installed package)."""
+    if os.environ.get(RUNS_ENV):
+        return Path(os.environ[RUNS_ENV])
+    clone = Path(__file__).resolve().parents[2]
+    if (clone / ".git").exists() and (clone / "bench").is_dir():
+        return clone / "bench" / "runs"
+    return Path("deltal-bench-runs")
+
+
+def run_folder(tag: str, root: Optional[Path] = None) -> Path:
+    """A fresh folder <root>/<UTC time>-<tag>/ (not created here); -2, -3... when the name is taken."""
+    root = runs_root() if root is None else root
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path, i = root / f"{stamp}-{tag}", 1
+    while path.exists():
+        i += 1
+        path = root / f"{stamp}-{tag}-{i}"
+    return path
+
+
+def _is_no_cuda_runtime(record: logging.LogRecord) -> bool:
+    # torch.utils.cpp_extension, imported by torch.compile's CPU backend, logs this at WARNING on a
+    # machine without the CUDA toolkit; it says only that no GPU toolkit is present
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def quiet_no_cuda_warning() -> None:
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." log line (and only that one)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if _is_no_cuda_runtime not in logger.filters:
+        logger.addFilter(_is_no_cuda_runtime)
+
+
+def report_load(console, when: str) -> tuple:
+    """Print the load average; warn when its 1-minute value is above 1 per core. Returns it."""
+    load, cores = os.getloadavg(), os.cpu_count() or 1
+    console.print(f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min) on {cores} cores"
+                  + (" (this run's own threads included)" if when == "at end" else ""), highlight=False)
+    if load[0] > cores:
+        console.print(f"[yellow]warning: load {load[0]:.2f} is above 1 per core ({cores} cores): other processes "
+                      "compete for the cores, and times can swing 2x with the load. Compare implementations within "
+                      "this run (their calls are interleaved), not times across runs.[/yellow]")
+    return load
+
+
+class Steps:
+    """The run's progress: rich's bar on a terminal; elsewhere (a pipe, a file, CI), where rich shows
+    nothing, one plain line per finished step: its count, the time since the start, what it was, its
+    seconds. Consecutive steps with the same text (an interleaved timing round) make one line."""
+
+    def __init__(self, console, total: int):
+        self.console, self.total, self.done = console, total, 0
+        self.plain = not console.is_terminal
+        self.current = None
+        self.t_start = self.t_step = time.perf_counter()
+        self.progress = None
+
+    def __enter__(self):
+        if not self.plain:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            self.progress = Progress(*columns, console=self.console, transient=True).__enter__()
+            self.task = self.progress.add_task("", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        self.finish()
+        if self.progress is not None:
+            return self.progress.__exit__(*exc)
+        return False
+
+    def step(self, text: str, advance: int = 1) -> None:
+        """Step ``text`` begins (``advance`` units of the total); the one before it has finished."""
+        if self.progress is not None:
+            self.progress.update(self.task, description=text, advance=advance)
+            return
+        if self.current is not None and self.current[0] != text:
+            self.finish()
+        if self.current is None:
+            self.current, self.t_step = [text, 0], time.perf_counter()
+        self.current[1] += advance
+
+    def skip(self, units: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, units)
+        else:
+            self.finish()
+            self.done += units
+
+    def finish(self) -> None:
+        """The current step has finished (plain output: its line)."""
+        if self.current is None:
+            return
+        text, units = self.current
+        self.done += units
+        now = time.perf_counter()
+        elapsed = int(now - self.t_start)
+        self.console.print(f"  [{self.done}/{self.total} {elapsed // 60}:{elapsed % 60:02d}] {text}: "
+                           f"{now - self.t_step:.1f} s", highlight=False, markup=False)
+        self.current = None
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="deltal-bench",
@@ -46,7 +155,9 @@ def parse_args(argv):
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), help="logits dtypes")
     p.add_argument("--reps", type=int, help=f"timed calls per implementation (default: {REPS}; --quick: {QUICK_REPS})")
     p.add_argument("--only", nargs="+", metavar="IMPL", help="run only these implementations (names as listed)")
-    p.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the CSV, JSON and PNG")
+    p.add_argument("--out", type=Path, help="folder for the JSON, CSV, PNG and markdown (default: a new run folder "
+                   f"<runs>/<UTC time>-<tag>/, <runs> = ${RUNS_ENV} or, in a clone, bench/runs/ (git-ignored), "
+                   "else ./deltal-bench-runs/); --out bench/results to update the committed results")
     p.add_argument("--linear", action="store_true", help="the fused LM head instead (deltal_kernels/bench/linear.py): "
                    "dk.linear_policy_loss vs the materialised logits, the eager reference and Liger's chunked loss")
     p.add_argument("--H", type=int, nargs="+", help="hidden sizes (with --linear)")
@@ -146,10 +257,20 @@ def _free(device):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    quiet_no_cuda_warning()
+    # a pipe or a file gets the width of a wide terminal rather than rich's 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 160)
     if args.linear:
         from .linear import main as linear_main
 
-        return linear_main(args, Console(width=None if sys.stdout.isatty() else 160))
+        if args.out is None:
+            device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            args.out = run_folder(f"linear-{device_type}" + ("-quick" if args.quick else "")
+                                  + ("-custom" if args.N or args.V or args.H else ""))
+        report_load(console, "at start")
+        rc = linear_main(args, console)
+        report_load(console, "at end")
+        return rc
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases, custom = select_cases(args, device.type)
     impls, skipped = baselines.implementations(device)
@@ -159,55 +280,58 @@ def main(argv=None) -> int:
             raise SystemExit(f"--only: {sorted(unknown)} not available here; available: {[i.name for i in impls]}")
         impls = [i for i in impls if i.name in args.only]
     reps = args.reps or (QUICK_REPS if args.quick else REPS)[device.type]
-
-    # a pipe or a file gets the width of a wide terminal rather than rich's 80 columns
-    console = Console(width=None if sys.stdout.isatty() else 160)
     name = measure.device_name(device)
+    tag = device.type if device.type == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    tag += "-quick" if args.quick else ""
+    tag += "-custom" if custom else ""
+    out = args.out if args.out is not None else run_folder(tag)
+
     available = dk.available_backends(device)
     unavailable = {b: unavailable_reason(b, device) for b in BACKEND_MODULES if b not in available}
     console.print(f"[bold]deltal-bench[/bold] on {name}; backends: {', '.join(available)}")
     for impl, why in {**unavailable, **skipped}.items():
         console.print(f"  not measured: {impl}: {why}")
+    load_start = report_load(console, "at start")
     copy_bw, peak_bw = measure.copy_bandwidth(device), measure.peak_bandwidth(device)
     console.print(f"copy bandwidth measured now: {copy_bw / 1e9:.1f} GB/s"
                   + (f"; datasheet peak {peak_bw / 1e9:.0f} GB/s" if peak_bw else ""))
     console.print(f"times: medians of {reps} calls each, the implementations' calls interleaved; "
                   f"extra peak memory: {MEMORY_METHOD[device.type]}")
+    console.print(f"results will go to {out}/", highlight=False)
     meta = dict(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device.type,
                 device_name=name, platform=platform.platform(), cpu_count=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), load_average=os.getloadavg(), **versions(),
+                torch_threads=torch.get_num_threads(), load_average=load_start, **versions(),
                 backends=available, backends_unavailable=unavailable, skipped=skipped, copy_GBps=copy_bw / 1e9,
                 peak_GBps=None if peak_bw is None else peak_bw / 1e9, reps=reps,
                 memory_method=MEMORY_METHOD[device.type], cases=[c.label for c in cases])
 
     results = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task("", total=len(cases) * len(impls) * (reps + 1))
-
-        def step(text):
-            progress.update(task, description=text, advance=1)
-
+    width = console.width
+    with Steps(console, len(cases) * len(impls) * (reps + 1)) as steps:
         for case in cases:
-            progress.update(task, description=f"{case.label}: drawing the batch")
+            steps.step(f"{case.label}: drawing the batch", advance=0)
             try:
                 logits, batch = make_batch(case, device)
             except torch.cuda.OutOfMemoryError:
                 console.print(f"[red]{case.label}: the logits do not fit on {name}, case skipped[/red]")
-                progress.advance(task, len(impls) * (reps + 1))
+                steps.skip(len(impls) * (reps + 1))
                 _free(device)
                 continue
-            rows = run_case(case, impls, logits, batch, reps=reps, copy_bw=copy_bw, peak_bw=peak_bw, step=step)
+            rows = run_case(case, impls, logits, batch, reps=reps, copy_bw=copy_bw, peak_bw=peak_bw,
+                            step=steps.step)
+            steps.finish()  # the last timing round's line before the case's tables
             results += rows
-            console.print(report.case_table(case, rows, meta))
+            for table in report.case_tables(case, rows, meta, width=width):
+                console.print(table)
             del logits, batch
             _free(device)
 
     targets = evaluate(results, device.type, available, skipped)
     console.print(report.targets_table(targets))
-    tag = device.type if device.type == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    tag += "-quick" if args.quick else ""
-    tag += "-custom" if custom else ""
-    for path in report.write_files(args.out, tag, meta, results, targets):
-        console.print(f"wrote {path}")
+    meta["load_average_end"] = report_load(console, "at end")
+    paths = report.write_files(out, tag, meta, results, targets)
+    console.print(f"wrote {', '.join(p.name for p in paths)} in {out}/", highlight=False)
+    if args.out is None:
+        console.print("(a run folder, not tracked by git; to update the committed results: --out bench/results)",
+                      highlight=False)
     return 0
