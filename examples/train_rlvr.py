@@ -7,7 +7,8 @@ log-normal reasoning lengths), so rollouts have long-tailed lengths (up to max_l
 response scores 0) and long responses carry many tokens whose gradient is noise: the situation
 loss aggregation is about.
 
-    python examples/train_rlvr.py                 # every aggregation x 3 seeds -> examples/results/
+    python examples/train_rlvr.py                 # every aggregation x 3 seeds -> examples/runs/<time>-train_rlvr/
+    python examples/train_rlvr.py --out examples/results   # to update the committed results
     python examples/train_rlvr.py --quick --out /tmp/q
     python examples/train_rlvr.py --agg delta-l --alpha 0.75 --seeds 0
 """
@@ -156,6 +157,21 @@ def report(results: dict, out: str, tag: str):
     plt.close(fig)
 
 
+def run_folder(out, tag):
+    """--out when given; else a new folder examples/runs/<UTC time>-<tag>/ (git-ignored): a run never
+    overwrites the committed results in examples/results/ unless asked to (--out examples/results)."""
+    if out is not None:
+        return out
+    from datetime import datetime, timezone
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
+    path = os.path.join(root, datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + tag)
+    i = 1
+    while os.path.exists(path + ("" if i == 1 else f"-{i}")):
+        i += 1
+    return path + ("" if i == 1 else f"-{i}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a short run of one aggregation, for the tests")
@@ -165,14 +181,18 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--prompts-per-step", type=int, default=None,
                     help="prompts per batch (x 8 samples each); fewer gives noisier gradients")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", default=None, help="output folder (default: a new run folder examples/runs/<UTC time>-"
+                    "<tag>/, git-ignored; --out examples/results updates the committed results)")
     ap.add_argument("--from-json", default=None, help="only redraw the table and plot of a saved run")
     args = ap.parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:
             results = json.load(f)
+        tag = os.path.splitext(os.path.basename(args.from_json))[0]
+        args.out = run_folder(args.out, tag)
         os.makedirs(args.out, exist_ok=True)
-        report(results, args.out, os.path.splitext(os.path.basename(args.from_json))[0])
+        report(results, args.out, tag)
+        print(f"results in {args.out}")
         return results
     torch.set_num_threads(1)  # the runs are small; one thread is fastest and reproducible
     cfg = dict(steps=200, prompts_per_step=16, group=8, max_len=48, lr=3e-3, micro_batches=2,
@@ -195,6 +215,7 @@ def main(argv=None):
         cfg["prompts_per_step"] = args.prompts_per_step
         tag += f"_p{args.prompts_per_step}"
     tail = max(1, cfg["steps"] // 10)
+    args.out = run_folder(args.out, tag)
     os.makedirs(args.out, exist_ok=True)
     results = {"config": dict(cfg, base_steps=base_steps, tail=tail), "seeds": seeds, "runs": []}
     for seed in seeds:
@@ -211,6 +232,7 @@ def main(argv=None):
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump(results, f)
     report(results, args.out, tag)
+    print(f"results in {args.out}")
     return results
 
 

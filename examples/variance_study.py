@@ -1,6 +1,7 @@
 """Bias and variance of the aggregated policy gradient, per loss aggregation (Delta-L paper, sec. 3).
 
-Two parts, both written to examples/results/ (or --out):
+Two parts, both written to a new run folder examples/runs/<UTC time>-<tag>/ (git-ignored), or to --out
+(--out examples/results updates the committed results):
 
 1. The paper's model, synthetic. Sequence i's gradient is g_i = g + (sum of L_i independent
    per-token noise terms), so E[g_i] = g and Var(g_i) = sigma^2 L_i. An estimator sum_i x_i g_i is
@@ -316,11 +317,27 @@ def plot(res: dict, path: str):
     plt.close(fig)
 
 
+def run_folder(out, tag):
+    """--out when given; else a new folder examples/runs/<UTC time>-<tag>/ (git-ignored): a run never
+    overwrites the committed results in examples/results/ unless asked to (--out examples/results)."""
+    if out is not None:
+        return out
+    from datetime import datetime, timezone
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
+    path = os.path.join(root, datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + tag)
+    i = 1
+    while os.path.exists(path + ("" if i == 1 else f"-{i}")):
+        i += 1
+    return path + ("" if i == 1 else f"-{i}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for the tests")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--out", default=None, help="output folder (default: a new run folder examples/runs/<UTC time>-"
+                    "<tag>/, git-ignored; --out examples/results updates the committed results)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # reproducible reductions, and the machine is shared
     syn_cfg = dict(batch=64, max_len=3072, dims=64, draws=4000, random_weightings=2000)
@@ -333,8 +350,9 @@ def main(argv=None):
            "synthetic": synthetic(seed=args.seed, **syn_cfg)}
     res["real"] = real_model(seed=args.seed, **real_cfg)
     res["wall_s"] = time.perf_counter() - t0
-    os.makedirs(args.out, exist_ok=True)
     tag = ("variance_study_quick" if args.quick else "variance_study") + (f"_seed{args.seed}" if args.seed else "")
+    args.out = run_folder(args.out, tag)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump(res, f)
     write_tables(res, args.out, tag)
@@ -353,6 +371,7 @@ def main(argv=None):
               f"rel var {r['rel_var']:.3f}  CV {r['cv']:.3f}  cos {r['cos_to_g_star']:.3f}")
     print(f"decomposition vs direct backward, max rel err {max(real['decomposition_rel_err'].values()):.2e}; "
           f"{res['wall_s']:.1f}s")
+    print(f"results in {args.out}")
     return res
 
 
