@@ -223,12 +223,13 @@ def _loads_in_flight(body: List[Tuple[int, str]]) -> int:
     return issued
 
 
-def streaming_loops(instrs: List[Tuple[int, str]], per_load: int = 8) -> List[Loop]:
+def streaming_loops(instrs: List[Tuple[int, str]], per_load: int = 8, fallback: bool = False) -> List[Loop]:
     """Every backward branch's body that holds 128-bit global loads, innermost first.
 
-    A loop without stores that multiplies every element with its own FMUL is the Triton forward's
-    exact-offset pass for rows of huge logits (|max x / tau| >= 2^24 / log2(e), never met in practice):
-    kind "fallback", listed but not held to the budget."""
+    With ``fallback`` (Triton), a loop without stores that multiplies every element with its own FMUL
+    is the forward's exact-offset pass for rows of huge logits (|max x / tau| >= 2^24 / log2(e), never
+    met in practice): kind "fallback", listed but not held to the budget. (The CUDA kernels' exact
+    pass goes element by element: no 128-bit loads, not a streaming loop.)"""
     addr_index = {a: i for i, (a, _) in enumerate(instrs)}
     loops = []
     for i, (addr, text) in enumerate(instrs):
@@ -249,22 +250,22 @@ def streaming_loops(instrs: List[Tuple[int, str]], per_load: int = 8) -> List[Lo
         stores = sum(_is_store128(o) for o in ops)
         real = sum(1 for o in ops if o != "NOP")
         kind = "gradient" if stores else "forward"
-        if not stores and sum(o == "FMUL" for o in ops) >= loads * per_load:
+        if fallback and not stores and sum(o == "FMUL" for o in ops) >= loads * per_load:
             kind = "fallback"
         loops.append(Loop(kind, target, addr, real, loads, stores, _loads_in_flight(body)))
-    # drop loops that contain another streaming loop of the same kind (keep the innermost)
+    # drop loops that contain another streaming loop (keep the innermost: a row loop holds them all)
     inner = []
     for lp in loops:
-        if not any(o is not lp and o.kind == lp.kind and lp.start <= o.start and o.end <= lp.end
+        if not any(o is not lp and lp.start <= o.start and o.end <= lp.end
                    and (o.start, o.end) != (lp.start, lp.end) for o in loops):
             inner.append(lp)
     return inner
 
 
-def main_loops(instrs, per_load: int = 8) -> Dict[str, List[Loop]]:
+def main_loops(instrs, per_load: int = 8, fallback: bool = False) -> Dict[str, List[Loop]]:
     """kind -> its main loops (those with the most 128-bit loads)."""
     out: Dict[str, List[Loop]] = {}
-    for lp in streaming_loops(instrs, per_load):
+    for lp in streaming_loops(instrs, per_load, fallback):
         out.setdefault(lp.kind, []).append(lp)
     for kind, lps in out.items():
         most = max(lp.loads128 for lp in lps)
@@ -275,7 +276,7 @@ def main_loops(instrs, per_load: int = 8) -> Dict[str, List[Loop]]:
 def report_function(backend, kernel, dtype, instrs, res, variant="", kinds=("forward", "gradient", "fallback")):
     reports = []
     per_load = 16 // ITEMSIZE[dtype]
-    loops = main_loops(instrs, per_load)
+    loops = main_loops(instrs, per_load, fallback=backend == "triton")
     for kind in kinds:
         if kind not in loops:
             continue
@@ -376,7 +377,9 @@ def _triton_compile(fn, types, constants, num_warps, arch_number):
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in types
              if types[n].startswith("*") or n.startswith("stride")}
     src = ASTSource(fn, sig, constants, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch_number, 32), options=dict(num_warps=num_warps))
+    # the launch's options (deltal_kernels.triton.launch_options: num_warps and the register ceiling)
+    options = dict(num_warps=num_warps, maxnreg=min(255, 65536 // (32 * num_warps)))
+    return triton.compile(src, target=GPUTarget("cuda", arch_number, 32), options=options)
 
 
 def triton_variants(V: int = REPORT_V):

@@ -100,23 +100,47 @@ def test_cuda_streaming_loops_within_budget():
 
 @pytest.mark.slow
 def test_triton_streaming_loops():
-    """Triton (V = 151936, aligned rows): no spills and 128-bit loads everywhere; the gradient loops and
-    the forward without entropy within the budget. The forward with entropy is over it (below)."""
+    """Triton (V = 151936, aligned rows, the launch's register ceiling): no spills, 128-bit loads,
+    every streaming loop within its budget with all its loads issued before the first use."""
     reports = _report("triton")
     assert {r["dtype"] for r in reports} == {"fp32", "fp16", "bf16"}
+    assert {r["loop"] for r in reports} >= {"forward", "gradient"}
     for r in reports:
         assert r["spills"] == 0, r
         assert r["loads128"] >= 2, r
-        if r["loop"] == "gradient" or (r["loop"] == "forward" and r["variant"] == "no entropy"):
+        if r["loop"] != "fallback":  # (rows of huge logits only, redone exactly)
             assert r["per_element"] <= r["budget"], r
+            assert r["loads_in_flight"] == r["loads128"], r
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 11 open: Triton's forward loop with the entropy sum is 8.9-9.2 SASS "
-                                      "instructions per 16-bit element (budget 8), and ptxas leaves some of its "
-                                      "loads unissued before the first use (fp32, fp16)")
-def test_triton_forward_with_entropy_within_budget():
-    reports = _report("triton")
-    for r in reports:
-        if r["loop"] == "forward":
-            assert r["per_element"] <= r["budget"] and r["loads_in_flight"] == r["loads128"], r
+# ---------------------------------------------------------------- the fast exp's error bound (README)
+
+def test_fast_exp_error_bound_sits_below_the_tolerances():
+    """ex2.approx.ftz.f32 is within 2 ulp (relative error <= 2^-22). Every exponential of a row off by
+    that much, with random signs or all in one direction, moves lse by <= 2^-22, the entropy by
+    <= 2^-21 (E_p|z - m| + 1) and each probability (so each gradient element) by <= 2^-21 relative:
+    a tenth of the float32 bounds the kernels are held to or less, and far below bf16 (2^-8) and fp16
+    (2^-10) rounding. float64, so only the exp's error is measured."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 4096, generator=gen, dtype=torch.float64) * 4
+    z[:, :7] += 12  # a few dominant logits
+    d = z - z.max(1, keepdim=True).values
+    e = torch.exp(d)
+    s = e.sum(1)
+    lse, entropy, p = torch.log(s), torch.log(s) - (e * d).sum(1) / s, e / s[:, None]
+    signs = torch.where(torch.rand(z.shape, generator=gen) < 0.5, 1.0, -1.0).double()
+    eps = 2.0**-22
+    for pert in (eps * signs, torch.full_like(z, eps), torch.full_like(z, -eps)):
+        e2 = e * (1 + pert)
+        s2 = e2.sum(1)
+        lse2, entropy2, p2 = torch.log(s2), torch.log(s2) - (e2 * d).sum(1) / s2, e2 / s2[:, None]
+        assert (lse2 - lse).abs().max() <= eps * 1.001
+        mean_distance = (p * d.abs()).sum(1)
+        assert ((entropy2 - entropy).abs() <= 2 * eps * (mean_distance + 1) * 1.001).all()
+        assert ((p2 / p - 1).abs() <= 2 * eps * 1.001).all()
+        f32_bound = 1e-5  # the float32 part of tests/cases.py's bound (relative, plus 4 ulp of |z|max)
+        assert (lse2 - lse).abs().max() <= f32_bound / 10
+        assert ((entropy2 - entropy).abs() <= f32_bound / 10 * entropy.abs().clamp(min=1)).all()
+        assert (p2 / p - 1).abs().max() <= min(f32_bound, 2.0**-8, 2.0**-10) / 10

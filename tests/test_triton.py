@@ -337,7 +337,7 @@ def compile_(fn, types, cons, num_warps, arch, aligned, v16=True):
                  if types[n].startswith("*") or (v16 and (n.startswith("stride") or n == "V"))}
     cons = dict(cons, ROW_ALIGNED=aligned)
     cc = triton.compile(ASTSource(fn, sig, cons, attrs), target=GPUTarget("cuda", arch, 32),
-                        options=dict(num_warps=num_warps))
+                        options=dict(num_warps=num_warps, maxnreg=min(255, 65536 // (32 * num_warps))))  # as launched
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cc.asm["cubin"]); f.flush()
         usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout

@@ -127,6 +127,16 @@ def fused_grid(N: int, V: int, itemsize: int, sms: int, l2_bytes: int, num_warps
     return max(1, min(N, MAX_PROGRAMS, resident, max(sms, by_l2)))
 
 
+def launch_options(num_warps: int) -> dict:
+    """num_warps, and on the GPU an explicit register ceiling: all of an SM's registers for one
+    program (ptxas then allocates what the kernel needs; left to itself, Triton 3.6's ptxas held the
+    16-warp forward to 40 registers and spilled 8 bytes)."""
+    options = dict(num_warps=num_warps)
+    if not INTERPRETED:
+        options["maxnreg"] = min(255, SM_REGISTERS // (32 * num_warps))
+    return options
+
+
 def vec_elements(itemsize: int) -> int:
     """Elements in a 16-byte packet (the 128-bit load): 4 fp32, 8 fp16/bf16."""
     return 16 // itemsize
@@ -198,7 +208,7 @@ def _forward(logits, targets, scored, old_logprobs, ref_logprobs, advantages, pa
             weights, grad_out, grad_out.stride(0), float(grad_scale),
             KL_TYPE=kl_type, HAS_DUAL=bool(params.dual_clip), NEED_ENTROPY=bool(need_entropy or entropy_in_loss),
             ENTROPY_IN_LOSS=entropy_in_loss, BLOCK=block, WRITE_GRAD=write_grad, BF16_BY_HAND=INTERPRETED,
-            VEC=vec_elements(itemsize), ROW_ALIGNED=aligned, FAST_EXP=FAST_EXP, num_warps=num_warps,
+            VEC=vec_elements(itemsize), ROW_ALIGNED=aligned, FAST_EXP=FAST_EXP, **launch_options(num_warps),
         )
     if write_grad and not INTERPRETED:
         _REGISTERS[(itemsize, block)] = max(_REGISTERS.get((itemsize, block), 0), getattr(kernel, "n_regs", 0) or 0)
@@ -257,7 +267,7 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
             logits, logits.stride(0), out, out.stride(0), targets.to(torch.int64).contiguous(),
             lse.to(f32).contiguous(), entropy.to(f32).contiguous(), g.to(f32).contiguous(), h.to(f32).contiguous(),
             N, V, 1.0 / temperature, BLOCK=block, BF16_BY_HAND=INTERPRETED, VEC=vec_elements(itemsize),
-            ROW_ALIGNED=rows_aligned(logits, out), FAST_EXP=FAST_EXP, num_warps=num_warps,
+            ROW_ALIGNED=rows_aligned(logits, out), FAST_EXP=FAST_EXP, **launch_options(num_warps),
         )
     return out
 

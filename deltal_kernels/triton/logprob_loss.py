@@ -53,6 +53,15 @@ LN2 = tl.constexpr(0.6931471805599453)
 D_FLOOR = tl.constexpr(-1024.0)
 # |max x * log2(e) / tau| from which the offsets are recomputed with rounded products (ulp >= 2 there)
 HUGE_LOG2 = tl.constexpr(16777216.0)
+# bfloat16 logits below this (-inf) are raised to it in the forward's fast pass: 2^(x k - m) is exactly 0
+# for them beside any logit above -1e30 / 2^24 in the row, and e * d stays finite with no per-element
+# clamp. A row whose maximum is this (every logit -inf) has |m| >= HUGE_LOG2 and is redone exactly.
+BF16_FLOOR = tl.constexpr(-9.95135670051536e29)  # bfloat16 0xF149
+BF16_FLOOR_X2 = tl.constexpr(0xF149F149)
+# float16: -65504 (the lowest finite half). A row whose maximum is within 160 (log2 units) of the floor
+# times log2(e) / tau could take mass from floored -inf values: it is redone exactly too.
+F16_FLOOR = tl.constexpr(-65504.0)
+F16_FLOOR_X2 = tl.constexpr(0xFBFFFBFF)
 
 
 @triton.jit
@@ -105,19 +114,48 @@ def _word_tile(BLOCK: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _bf16_words(ptr, BLOCK: tl.constexpr, VEC: tl.constexpr, mask_below, EVICT: tl.constexpr):
-    """A chunk of bfloat16 values from ptr as two float32 tiles (the lower and upper value of each
-    word): one shift or one and per value, where the dtype conversion costs two instructions.
-    mask_below: load only words below this word index (a whole-packet bound), -1 for none."""
+def _half_words(ptr, BLOCK: tl.constexpr, VEC: tl.constexpr, n_words, MASKED: tl.constexpr, FLOOR: tl.constexpr,
+                FAST_EXP: tl.constexpr, IS_BF16: tl.constexpr):
+    """A chunk of 16-bit values (bfloat16, or float16 when not IS_BF16) from ptr as two float32 tiles:
+    the lower and upper value of each 32-bit word. bfloat16: one shift or one and per value (the dtype
+    conversion costs two); float16: one conversion per value.
+    MASKED: load only the words below n_words (a whole-packet bound; the others read as -inf).
+    FLOOR: values below the dtype's floor (-inf) raised to it, NaN kept, two at a time (max.NaN.x2)."""
     words = _word_tile(BLOCK, VEC)
     wptr = ptr.to(tl.pointer_type(tl.uint32))
-    if mask_below >= 0:
-        w = tl.load(wptr + words, mask=words < mask_below, other=0xFF80FF80, eviction_policy=EVICT)  # two -inf
+    if MASKED:
+        other: tl.constexpr = 0xFF80FF80 if IS_BF16 else 0xFC00FC00  # two -inf
+        w = tl.load(wptr + words, mask=words < n_words, other=other)
     else:
-        w = tl.load(wptr + words, eviction_policy=EVICT)
-    lo = (w << 16).to(tl.float32, bitcast=True)
-    hi = (w & 0xFFFF0000).to(tl.float32, bitcast=True)
+        w = tl.load(wptr + words)
+    if FLOOR and FAST_EXP:
+        if IS_BF16:
+            w = tl.inline_asm_elementwise("max.NaN.bf16x2 $0, $1, $2;", "=r,r,r", [w, tl.zeros_like(w) + BF16_FLOOR_X2],
+                                          dtype=tl.uint32, is_pure=True, pack=1)
+        else:
+            w = tl.inline_asm_elementwise("max.NaN.f16x2 $0, $1, $2;", "=r,r,r", [w, tl.zeros_like(w) + F16_FLOOR_X2],
+                                          dtype=tl.uint32, is_pure=True, pack=1)
+    if IS_BF16:
+        lo = (w << 16).to(tl.float32, bitcast=True)
+        hi = (w & 0xFFFF0000).to(tl.float32, bitcast=True)
+    elif FAST_EXP:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }", "=f,=f,r", [w],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        lo = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    if FLOOR and not FAST_EXP:  # the interpreter: the same values, one at a time
+        floor: tl.constexpr = BF16_FLOOR if IS_BF16 else F16_FLOOR
+        lo = tl.maximum(lo, floor, propagate_nan=tl.PropagateNan.ALL)
+        hi = tl.maximum(hi, floor, propagate_nan=tl.PropagateNan.ALL)
     return lo, hi
+
+
+@triton.jit
+def _bf16_words(ptr, BLOCK: tl.constexpr, VEC: tl.constexpr, n_words, MASKED: tl.constexpr):
+    """bfloat16 words as two float32 tiles (the gradient's loads: no floor)."""
+    return _half_words(ptr, BLOCK, VEC, n_words, MASKED, False, False, True)
 
 
 @triton.jit
@@ -160,6 +198,44 @@ def _stats_add2(lo, hi, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.co
 
 
 @triton.jit
+def _stats_add4(a, b, c_, d_, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr, EXACT: tl.constexpr,
+                CLAMP: tl.constexpr = True):
+    """_stats_add for a slot given as four tiles (two bfloat16 packets, each as its two halves).
+    CLAMP=False: the values are floored (no -inf), the entropy terms need no clamp."""
+    top = tl.maximum(tl.maximum(tl.max(a, axis=1), tl.max(b, axis=1)),
+                     tl.maximum(tl.max(c_, axis=1), tl.max(d_, axis=1)))
+    mk_new = tl.maximum(mk, tl.maximum(top * k, NEG_BIG))
+    dm = mk - mk_new
+    c = _exp2(dm, FAST_EXP)
+    s_new, t_new = _terms(a, mk_new, k, NEED_ENTROPY, FAST_EXP, EXACT, CLAMP)
+    s2, t2 = _terms(b, mk_new, k, NEED_ENTROPY, FAST_EXP, EXACT, CLAMP)
+    s3, t3 = _terms(c_, mk_new, k, NEED_ENTROPY, FAST_EXP, EXACT, CLAMP)
+    s4, t4 = _terms(d_, mk_new, k, NEED_ENTROPY, FAST_EXP, EXACT, CLAMP)
+    if NEED_ENTROPY:
+        t = c * (t + dm * s) + ((t_new + t2) + (t3 + t4))
+    s = s * c + ((s_new + s2) + (s3 + s4))
+    return mk_new, s, t
+
+
+@triton.jit
+def _terms(x, mk_new, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr, EXACT: tl.constexpr,
+           CLAMP: tl.constexpr = True):
+    """(sum e, sum e d) over a tile's rows, e = 2^d, d = x k - mk (floored for the entropy sum)."""
+    if EXACT:
+        d = _mul_rn(x, k, FAST_EXP) - mk_new[:, None]
+    else:
+        d = x * k - mk_new[:, None]
+    if NEED_ENTROPY:
+        if CLAMP:
+            d = tl.maximum(d, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+        e = _exp2(d, FAST_EXP)
+        return tl.sum(e, axis=1), tl.sum(e * d, axis=1)
+    else:
+        e = _exp2(d, FAST_EXP)
+        return tl.sum(e, axis=1), tl.zeros_like(mk_new)
+
+
+@triton.jit
 def _stats_add(x, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr, EXACT: tl.constexpr):
     """Add a [R, VEC] tile of raw logits x to per-slot statistics (all [R], log2 units):
     mk = max x * k (floored at -FLT_MAX), s = sum 2^(x k - mk), t = sum 2^(x k - mk) (x k - mk).
@@ -183,36 +259,51 @@ def _stats_add(x, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexp
 
 
 @triton.jit
-def _row_stats(x_row, V, k, BLOCK: tl.constexpr, VEC: tl.constexpr, IS_BF16: tl.constexpr,
-               NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr, EXACT: tl.constexpr, EVICT: tl.constexpr):
+def _row_stats(x_row, V, k, BLOCK: tl.constexpr, VEC: tl.constexpr, IS_BF16: tl.constexpr, IS_16BIT: tl.constexpr,
+               NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr, EXACT: tl.constexpr):
     """(m2, s, t) of one row in log2 units: per-slot running statistics over the chunks, merged once.
-    EVICT: the L2 policy of the loads (evict_last when the row is read again right after: fused)."""
-    R: tl.constexpr = BLOCK // VEC
-    tile = _tile(BLOCK, VEC)
+    A slot is two packets, one from each half of the chunk (one rescale per 16 bf16 values).
+    No L2 eviction hints: Triton re-creates the cache policy for every access (createpolicy and
+    uniform-register set-up in the loop, 0.3-0.4 instructions per element, which took the bf16 loop
+    over its budget of 8); the CUDA kernels carry them (evict_last / evict_first / st.global.cs)."""
+    FLOOR: tl.constexpr = not EXACT  # 16-bit: -inf raised to the dtype's floor on the fast pass (see there)
+    H: tl.constexpr = BLOCK // 2
+    R: tl.constexpr = H // VEC
+    tile = _tile(H, VEC)
     v_full = (V // BLOCK) * BLOCK  # columns in whole chunks
     v_vec = (V // VEC) * VEC  # columns in whole packets
     mk = tl.full([R], NEG_BIG, tl.float32)
     s = tl.zeros([R], tl.float32)
     t = tl.zeros([R], tl.float32)
     for start in tl.range(0, v_full, BLOCK):
-        if IS_BF16:
-            lo, hi = _bf16_words(x_row + start, BLOCK, VEC, -1, EVICT)
-            mk, s, t = _stats_add2(lo, hi, mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+        if IS_16BIT:
+            lo_a, hi_a = _half_words(x_row + start, H, VEC, 0, False, FLOOR, FAST_EXP, IS_BF16)
+            lo_b, hi_b = _half_words(x_row + start + H, H, VEC, 0, False, FLOOR, FAST_EXP, IS_BF16)
+            mk, s, t = _stats_add4(lo_a, hi_a, lo_b, hi_b, mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT, not FLOOR)
         else:
-            x = tl.load(x_row + start + tile, eviction_policy=EVICT).to(tl.float32)
-            mk, s, t = _stats_add(x, mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+            xa = tl.load(x_row + start + tile).to(tl.float32)
+            xb = tl.load(x_row + start + H + tile).to(tl.float32)
+            mk, s, t = _stats_add2(xa, xb, mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
     if v_full < V:  # the last, partial chunk
-        offs = v_full + tile
+        offs_a = v_full + tile
+        offs_b = v_full + H + tile
         if v_vec == V:  # whole packets
-            if IS_BF16:
-                lo, hi = _bf16_words(x_row + v_full, BLOCK, VEC, (v_vec - v_full) // 2, EVICT)
-                mk, s, t = _stats_add2(lo, hi, mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+            if IS_16BIT:
+                n_words = (v_vec - v_full) // 2
+                lo_a, hi_a = _half_words(x_row + v_full, H, VEC, n_words, True, FLOOR, FAST_EXP, IS_BF16)
+                lo_b, hi_b = _half_words(x_row + v_full + H, H, VEC, n_words - H // 2, True, FLOOR, FAST_EXP,
+                                         IS_BF16)
+                mk, s, t = _stats_add4(lo_a, hi_a, lo_b, hi_b, mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT,
+                                       not FLOOR)
             else:
-                x = tl.load(x_row + offs, mask=offs < v_vec, other=float("-inf"), eviction_policy=EVICT)
-                mk, s, t = _stats_add(x.to(tl.float32), mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+                xa = tl.load(x_row + offs_a, mask=offs_a < v_vec, other=float("-inf"))
+                xb = tl.load(x_row + offs_b, mask=offs_b < v_vec, other=float("-inf"))
+                mk, s, t = _stats_add2(xa.to(tl.float32), xb.to(tl.float32), mk, s, t, k, NEED_ENTROPY, FAST_EXP,
+                                       EXACT)
         else:
-            x = tl.load(x_row + offs, mask=offs < V, other=float("-inf"), eviction_policy=EVICT)
-            mk, s, t = _stats_add(x.to(tl.float32), mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
+            xa = tl.load(x_row + offs_a, mask=offs_a < V, other=float("-inf"))
+            xb = tl.load(x_row + offs_b, mask=offs_b < V, other=float("-inf"))
+            mk, s, t = _stats_add2(xa.to(tl.float32), xb.to(tl.float32), mk, s, t, k, NEED_ENTROPY, FAST_EXP, EXACT)
     # merge the slots (once per row): three block reductions
     m2 = tl.max(mk, axis=0)
     dm = mk - m2
@@ -238,8 +329,7 @@ def _forward_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     IS_BF16: tl.constexpr = logits_ptr.dtype.element_ty == tl.bfloat16
-    # fused: keep the first pass's lines in L2 for the gradient pass; else the row is not read again soon
-    EVICT: tl.constexpr = "evict_last" if WRITE_GRAD else "evict_first"
+    IS_16BIT: tl.constexpr = (logits_ptr.dtype.element_ty == tl.bfloat16) | (logits_ptr.dtype.element_ty == tl.float16)
     k = inv_tau * LOG2E  # z * log2(e), z = x / tau
     for row in tl.range(pid, N, nprog):
         row64 = tl.cast(row, tl.int64)
@@ -255,10 +345,15 @@ def _forward_kernel(
             # validation rejects targets outside [0, V) eagerly, but not under torch.compile: an
             # out-of-range target gives logp = NaN here instead of a read out of bounds
             x_y = tl.load(x_row + target, mask=(target >= 0) & (target < V), other=float("nan")).to(tl.float32)
-            m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, NEED_ENTROPY, FAST_EXP, False, EVICT)
+            m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, NEED_ENTROPY, FAST_EXP, False)
             zy_off = x_y * k - m2  # the target's offset to the row maximum (log2 units)
-            if tl.abs(m2) >= HUGE_LOG2:  # huge logits: again, with exact offsets (never in practice)
-                m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, NEED_ENTROPY, FAST_EXP, True, EVICT)
+            # huge logits, or (float16) a maximum near the floor: again, exactly (never in practice)
+            redo = tl.abs(m2) >= HUGE_LOG2
+            if IS_16BIT and not IS_BF16:
+                redo = redo | (m2 < k * F16_FLOOR + 160.0)
+            if redo:
+                m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, NEED_ENTROPY, FAST_EXP,
+                                              True)
                 zy_off = _mul_rn(x_y, k, FAST_EXP) - m2
             log2_s = tl.log2(s_row)
             lse = (m2 + log2_s) * LN2
@@ -362,8 +457,7 @@ def _grad_value(x, k, lse2, a, b, HAS_H: tl.constexpr, FAST_EXP: tl.constexpr):
 @triton.jit
 def _grad_chunks(x_row, out_row, V, k, lse2, a, b, HAS_H: tl.constexpr, BLOCK: tl.constexpr,
                  BF16_BY_HAND: tl.constexpr, VEC: tl.constexpr, FAST_EXP: tl.constexpr):
-    """The streaming part of a row's gradient (all but the one-hot term): last-use loads and streaming
-    stores (L2 evict_first)."""
+    """The streaming part of a row's gradient (all but the one-hot term)."""
     tile = _tile(BLOCK, VEC)
     v_full = (V // BLOCK) * BLOCK
     v_vec = (V // VEC) * VEC
@@ -372,36 +466,34 @@ def _grad_chunks(x_row, out_row, V, k, lse2, a, b, HAS_H: tl.constexpr, BLOCK: t
     words = _word_tile(BLOCK, VEC)
     for start in tl.range(0, v_full, BLOCK):
         if IS_BF16:
-            lo, hi = _bf16_words(x_row + start, BLOCK, VEC, -1, "evict_first")
+            lo, hi = _bf16_words(x_row + start, BLOCK, VEC, 0, False)
             g_lo = _grad_value(lo, k, lse2, a, b, HAS_H, FAST_EXP)
             g_hi = _grad_value(hi, k, lse2, a, b, HAS_H, FAST_EXP)
-            tl.store((out_row + start).to(tl.pointer_type(tl.uint32)) + words, _pack_bf16(g_lo, g_hi, BF16_BY_HAND),
-                     eviction_policy="evict_first")
+            tl.store((out_row + start).to(tl.pointer_type(tl.uint32)) + words, _pack_bf16(g_lo, g_hi, BF16_BY_HAND))
         else:
-            x = tl.load(x_row + start + tile, eviction_policy="evict_first").to(tl.float32)
+            x = tl.load(x_row + start + tile).to(tl.float32)
             grad = _grad_value(x, k, lse2, a, b, HAS_H, FAST_EXP)
-            tl.store(out_row + start + tile, _round_to(grad, dtype, BF16_BY_HAND), eviction_policy="evict_first")
+            tl.store(out_row + start + tile, _round_to(grad, dtype, BF16_BY_HAND))
     if v_full < V:
         offs = v_full + tile
         if v_vec == V:  # whole packets: 128-bit loads and stores
             if IS_BF16:
                 n_words = (v_vec - v_full) // 2
-                lo, hi = _bf16_words(x_row + v_full, BLOCK, VEC, n_words, "evict_first")
+                lo, hi = _bf16_words(x_row + v_full, BLOCK, VEC, n_words, True)
                 g_lo = _grad_value(lo, k, lse2, a, b, HAS_H, FAST_EXP)
                 g_hi = _grad_value(hi, k, lse2, a, b, HAS_H, FAST_EXP)
                 tl.store((out_row + v_full).to(tl.pointer_type(tl.uint32)) + words,
-                         _pack_bf16(g_lo, g_hi, BF16_BY_HAND), mask=words < n_words,
-                         eviction_policy="evict_first")
+                         _pack_bf16(g_lo, g_hi, BF16_BY_HAND), mask=words < n_words)
             else:
                 mask = offs < v_vec
-                x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
                 grad = _grad_value(x, k, lse2, a, b, HAS_H, FAST_EXP)
-                tl.store(out_row + offs, _round_to(grad, dtype, BF16_BY_HAND), mask=mask, eviction_policy="evict_first")
+                tl.store(out_row + offs, _round_to(grad, dtype, BF16_BY_HAND), mask=mask)
         else:
             mask = offs < V
-            x = tl.load(x_row + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             grad = _grad_value(x, k, lse2, a, b, HAS_H, FAST_EXP)
-            tl.store(out_row + offs, _round_to(grad, dtype, BF16_BY_HAND), mask=mask, eviction_policy="evict_first")
+            tl.store(out_row + offs, _round_to(grad, dtype, BF16_BY_HAND), mask=mask)
 
 
 @triton.jit
