@@ -7,6 +7,7 @@ term. Delta-L is checked through TRL's own dr_grpo code (the clipped objective i
 homogeneous in the advantage, so Delta-L equals dr_grpo with rescaled advantages), and by two real
 optimizer steps with generation on CPU.
 """
+import contextlib
 import copy
 import os
 
@@ -167,6 +168,174 @@ def test_two_sided_clipping_delta_equals_trl(pair, loss_type):
     assert_same(got, expected)
 
 
+class objective_of(object):
+    """Set TRL options on both trainers of the (module-scoped) pair for one test, and put them back."""
+
+    def __init__(self, trainers, **attributes):
+        self.trainers, self.attributes = trainers, attributes
+
+    def __enter__(self):
+        self.saved = [{k: getattr(t, k) for k in self.attributes} for t in self.trainers]
+        for t in self.trainers:
+            for k, v in self.attributes.items():
+                setattr(t, k, v)
+
+    def __exit__(self, *exc):
+        for t, saved in zip(self.trainers, self.saved):
+            for k, v in saved.items():
+                setattr(t, k, v)
+
+
+OBJECTIVES = [  # (loss_type, importance_sampling_level, epsilon_high)
+    ("grpo", "sequence", 0.28),  # GSPO as its paper runs it
+    ("dapo", "sequence", 0.28),
+    ("dr_grpo", "sequence", 0.28),
+    ("cispo", "token", 1.3),  # TRL caps the ratio at epsilon_high (CISPO's epsilon_max)
+    ("cispo", "sequence", 1.3),
+]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "logits"])
+@pytest.mark.parametrize("with_old", [True, False], ids=["off-policy", "on-policy"])
+@pytest.mark.parametrize("loss_type,level,epsilon_high", OBJECTIVES, ids=[f"{a}-{b}" for a, b, _ in OBJECTIVES])
+def test_gspo_and_cispo_equal_trl(pair, loss_type, level, epsilon_high, with_old, fused):
+    """importance_sampling_level="sequence" (dk's ratio_level="sequence") and loss_type="cispo" (dk's
+    objective="cispo", clip_low=1, clip_high=epsilon_high - 1): loss, every gradient and TRL's metrics."""
+    trl_trainer, ours = pair
+    with objective_of((trl_trainer, ours), loss_type=loss_type, importance_sampling_level=level,
+                      epsilon_high=epsilon_high), objective_of((ours,), dk_fused_lm_head=fused):
+        inputs = micro_batch(trl_trainer.model, seed=24, with_old=with_old, with_ref=trl_trainer.beta != 0)
+        expected = loss_and_grads(trl_trainer, inputs)
+        got = loss_and_grads(ours, inputs)
+        if fused:  # the fused path ran (the head reproduces the model's logits)
+            assert ours._dk_head_checked is True
+    assert_same(got, expected)
+    if loss_type == "cispo":
+        names = ["cispo_clip_ratio"]
+    else:
+        names = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+                 "clip_ratio/high_max"]
+    names += ["entropy"] + (["kl"] if trl_trainer.beta != 0 else [])
+    for name in names:
+        assert ours._metrics["train"][name][-1] == pytest.approx(trl_trainer._metrics["train"][name][-1], rel=1e-6), name
+    if with_old:  # the batch exercises the clip (one side at least; CISPO's cap)
+        clipped = trl_trainer._metrics["train"]["cispo_clip_ratio" if loss_type == "cispo" else "clip_ratio/region_mean"]
+        assert clipped[-1] > 0
+
+
+def test_cispo_is_not_ppo_and_sequence_is_not_token(pair):
+    """The options change the loss on this batch (the parity above is not a parity of the default objective)."""
+    _, ours = pair
+    inputs = micro_batch(ours.model, seed=17, with_ref=ours.beta != 0)
+    with objective_of((ours,), loss_type="dapo", importance_sampling_level="token", epsilon_high=1.3):
+        token = loss_and_grads(ours, inputs)[0]
+    with objective_of((ours,), loss_type="dapo", importance_sampling_level="sequence", epsilon_high=1.3):
+        sequence = loss_and_grads(ours, inputs)[0]
+    with objective_of((ours,), loss_type="cispo", importance_sampling_level="token", epsilon_high=1.3):
+        cispo = loss_and_grads(ours, inputs)[0]
+    assert abs(sequence - token) > 1e-3 * abs(token) and abs(cispo - token) > 1e-3 * abs(token)
+
+
+# ---- vLLM importance-sampling correction ---------------------------------------------------------
+# vLLM is not installed here: TRL's own _generate_and_score_completions runs with use_vllm=True and
+# its generation call replaced by fixed completions with "sampler" log-probs (the current model's,
+# perturbed, one missing: vLLM returns None for a log-prob it could not compute). TRL then computes
+# old_per_token_logps and its importance_sampling_ratio itself; both trainers get that batch.
+
+COMPLETIONS = [[5, 9, 12, 1], [7, 3, 20, 14, 8, 1], [10, 11], [25, 4, 6, 1], [3, 3, 18], [21, 1],
+               [13, 17, 9, 26, 5], [28, 1]]
+PROMPTS = ["a b c", "a b c", "d e", "d e", "f g h i", "f g h i", "j k", "j k"]
+
+
+def fake_vllm_generation(trainer, seed):
+    """Replace the trainer's generation call by COMPLETIONS and perturbed log-probs of the current model."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        assert len(prompt_ids) == len(COMPLETIONS)
+        logprobs = []
+        for prompt, completion in zip(prompt_ids, COMPLETIONS):
+            ids = torch.tensor([list(prompt) + completion])
+            with torch.no_grad():
+                logits = trainer.model(input_ids=ids).logits[0, len(prompt) - 1:-1] / trainer.temperature
+            lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+            logprobs.append((lp + 0.5 * torch.randn(lp.shape, generator=gen, dtype=lp.dtype)).tolist())
+        logprobs[1][2] = None  # a log-prob the sampler did not return
+        return [list(c) for c in COMPLETIONS], logprobs
+
+    trainer._generate_single_turn = generate_single_turn
+
+
+@pytest.fixture(scope="module")
+def vllm_pair(model_dir, tmp_path_factory):
+    trl_trainer, ours = make_pair(model_dir, tmp_path_factory.mktemp("vllm"), 0.0)
+    for t in (trl_trainer, ours):
+        t.use_vllm = t.vllm_importance_sampling_correction = True  # after construction: no vLLM to start
+    fake_vllm_generation(trl_trainer, seed=21)
+    return trl_trainer, ours
+
+
+@contextlib.contextmanager
+def perturbed(models, scale, seed):
+    """The same small change to every model's parameters (the policy moved since generation), undone after."""
+    saved = [copy.deepcopy(m.state_dict()) for m in models]
+    gen = torch.Generator().manual_seed(seed)
+    noise = {n: scale * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in models[0].named_parameters()}
+    with torch.no_grad():
+        for m in models:
+            for n, p in m.named_parameters():
+                p.add_(noise[n])
+    try:
+        yield
+    finally:
+        for m, state in zip(models, saved):
+            m.load_state_dict(state)
+
+
+VLLM_CASES = [(mode, loss_type, clip) for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+              for loss_type, clip in (("grpo", (0.5, 2.0)), ("dapo", (None, 1.5)))]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-head", "logits"])
+@pytest.mark.parametrize("mode,loss_type,clip", VLLM_CASES, ids=[f"{m}-{l}-{c[0]}-{c[1]}" for m, l, c in VLLM_CASES])
+def test_vllm_importance_sampling_correction_equals_trl(vllm_pair, mode, loss_type, clip, fused):
+    """vllm_importance_sampling_mode/_clip_min/_clip_max: dk's rollout_correction from the batch's
+    sampling_per_token_logps gives TRL's loss (which multiplies by its precomputed ratio) and gradients."""
+    trl_trainer, ours = vllm_pair
+    attributes = dict(loss_type=loss_type, vllm_importance_sampling_mode=mode,
+                      vllm_importance_sampling_clip_min=clip[0], vllm_importance_sampling_clip_max=clip[1])
+    with objective_of((trl_trainer, ours), **attributes), objective_of((ours,), dk_fused_lm_head=fused):
+        batch = trl_trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS])
+        # TRL's batch is float32 (its log-probs, advantages and ratio); the rest of these tests runs the loss in
+        # float64, as TRL does with float64 inputs: the same values, widened (TRL's ratio keeps its float32 rounding)
+        batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        ratio = batch["importance_sampling_ratio"]
+        assert torch.isnan(batch["sampling_per_token_logps"][1, 2])  # TRL kept the missing log-prob as NaN
+        with perturbed([trl_trainer.model, ours.model], 0.05, seed=22):
+            expected = loss_and_grads(trl_trainer, dict(batch))
+            got = loss_and_grads(ours, dict(batch))
+            trl_trainer.use_vllm = False  # TRL's loss without the correction: the correction matters here
+            try:
+                uncorrected = loss_and_grads(trl_trainer, dict(batch))[0]
+            finally:
+                trl_trainer.use_vllm = True
+    assert_same(got, expected)
+    assert abs(uncorrected - expected[0]) > 1e-3 * abs(expected[0])
+    # the batch exercises the bounds: some ratios at a bound (truncate) or zeroed (mask), some inside
+    mask = batch["completion_mask"].bool()
+    values = ratio.reshape(-1) if mode.startswith("sequence") else ratio[mask]
+    bounds = torch.tensor([b for b in clip if b is not None], dtype=values.dtype)
+    at_bound = (values == 0) if mode.endswith("mask") else (values[:, None] == bounds).any(1)
+    assert 0 < int(at_bound.sum()) < values.numel()
+
+
+def test_vllm_correction_needs_the_sampling_logprobs(vllm_pair):
+    _, ours = vllm_pair
+    inputs = micro_batch(ours.model, seed=15, with_ref=False)  # no sampling_per_token_logps
+    with objective_of((ours,), loss_type="dapo"), pytest.raises(ValueError, match="sampling_per_token_logps"):
+        ours.compute_loss(ours.model, inputs)
+
+
 def test_entropy_bonus_is_weighted_like_the_policy_term(pair):
     """entropy_coef enters l_t (SPEC section 1): the loss moves by -coef * sum_i w_i sum_t H_t, with
     TRL's grpo weights w_i = 1 / (B * L_i * GA) here (TRL itself adds a token-mean bonus instead)."""
@@ -245,13 +414,37 @@ def test_two_optimizer_steps_with_delta_l(model_dir, tmp_path):
         assert {"clip_ratio/region_mean", "clip_ratio/high_max"} <= entry.keys()
 
 
-@pytest.mark.parametrize("option,value", [("loss_type", "cispo"), ("importance_sampling_level", "sequence"),
-                                          ("top_entropy_quantile", 0.5), ("off_policy_mask_threshold", 0.5),
-                                          ("delta", 1.1)])
-def test_unsupported_options_are_refused_by_name(model_dir, tmp_path, option, value):
-    args = DeltaLGRPOConfig(**common_args(tmp_path, **{option: value}))
+@pytest.mark.parametrize("option,options", [
+    ("loss_type", dict(loss_type="sapo")),
+    ("loss_type", dict(loss_type="vespo")),
+    ("top_entropy_quantile", dict(top_entropy_quantile=0.5)),
+    ("off_policy_mask_threshold", dict(off_policy_mask_threshold=0.5)),
+    ("delta", dict(delta=1.1)),
+    ("epsilon_high", dict(loss_type="cispo")),  # epsilon_high=0.28: a cap below 1
+    ("epsilon_high", dict(loss_type="cispo", epsilon_high=None, epsilon=0.2)),  # TRL falls back to epsilon
+    # vLLM's correction (checked before TRL looks for vLLM)
+    ("vllm_importance_sampling_clip_max", dict(use_vllm=True, vllm_importance_sampling_mode="token_mask",
+                                               vllm_importance_sampling_clip_max=None)),
+    ("vllm_importance_sampling_clip_min", dict(use_vllm=True, vllm_importance_sampling_clip_min=-1.0)),
+    ("vllm_importance_sampling_mode", dict(use_vllm=True, vllm_importance_sampling_mode="sequence_clip")),
+], ids=lambda x: x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items()))
+def test_unsupported_options_are_refused_by_name(model_dir, tmp_path, option, options):
+    args = DeltaLGRPOConfig(**common_args(tmp_path, **options))
     with pytest.raises(ValueError, match=option):
         DeltaLGRPOTrainer(model_dir, reward_funcs=reward_len, train_dataset=dataset(), args=args)
+
+
+def test_options_that_are_passed_through_are_accepted(tmp_path):
+    """What used to be refused: GSPO, CISPO (with a cap >= 1, delta ignored as TRL ignores it) and vLLM's
+    correction (checked without starting vLLM: check_supported is what the constructor runs first)."""
+    from deltal_kernels.integrations.trl import check_supported
+
+    for options in (dict(importance_sampling_level="sequence", loss_type="grpo"),
+                    dict(loss_type="cispo", epsilon_high=5.0, delta=1.1),
+                    dict(use_vllm=True),  # TRL's defaults: sequence_mask, (None, 3.0)
+                    *(dict(use_vllm=True, vllm_importance_sampling_mode=m, vllm_importance_sampling_clip_min=0.5)
+                      for m in ("token_truncate", "token_mask", "sequence_truncate"))):
+        check_supported(DeltaLGRPOConfig(**common_args(tmp_path, **options)))
 
 
 def _two_process_worker(rank, world, port, model_dir, out_dir):
@@ -302,15 +495,21 @@ def test_readme_trl_snippet(model_dir, tmp_path):
     assert trainer.state.global_step == 1 and trainer.max_completion_length == K
 
 
-def test_two_training_steps_log_what_trl_logs(model_dir, tmp_path):
-    """End to end (generation, rewards, two optimizer steps, float32, dk's default backend): with
-    loss_type="dapo" both trainers log the same losses, gradient norms and metrics."""
+@pytest.mark.parametrize("options", [dict(loss_type="dapo"),
+                                     dict(loss_type="cispo", epsilon_high=1.2, importance_sampling_level="sequence"),
+                                     dict(loss_type="grpo", importance_sampling_level="sequence", num_iterations=2,
+                                          learning_rate=5e-2)],
+                         ids=["dapo", "cispo-sequence", "gspo-off-policy"])
+def test_two_training_steps_log_what_trl_logs(model_dir, tmp_path, options):
+    """End to end (generation, rewards, two optimizer steps, float32, dk's default backend): both trainers
+    log the same losses, gradient norms and metrics (num_iterations=2: the second optimizer step reuses
+    the first step's generation, off-policy, and GSPO's clip acts)."""
     from transformers import AutoTokenizer
 
     logs = []
     for trainer_cls, config_cls in ((GRPOTrainer, GRPOConfig), (DeltaLGRPOTrainer, DeltaLGRPOConfig)):
         args = config_cls(**common_args(tmp_path / trainer_cls.__name__, max_steps=2, logging_steps=1,
-                                        learning_rate=1e-2, loss_type="dapo"))
+                                        **{"learning_rate": 1e-2, **options}))
         trainer = trainer_cls(model_dir, reward_funcs=reward_len, train_dataset=dataset(),
                               processing_class=AutoTokenizer.from_pretrained(model_dir), args=args)
         trainer.train()
@@ -318,10 +517,13 @@ def test_two_training_steps_log_what_trl_logs(model_dir, tmp_path):
     expected, got = logs
     assert len(expected) == len(got) == 2
     for e, g in zip(expected, got):
-        assert g["completions/mean_length"] == e["completions/mean_length"]  # the same rollouts
-        for name in ("loss", "grad_norm", "entropy", "clip_ratio/region_mean"):
+        assert g.get("completions/mean_length") == e.get("completions/mean_length")  # the same rollouts
+        clip = "cispo_clip_ratio" if options["loss_type"] == "cispo" else "clip_ratio/region_mean"
+        for name in ("loss", "grad_norm", "entropy", clip):
             # float32 throughout (TRL's chunked log-probs vs dk's kernels), one update in between
             assert g[name] == pytest.approx(e[name], rel=1e-5, abs=1e-7), name
+    if options.get("num_iterations") == 2:  # off-policy: the clip acts, and not on everything
+        assert expected[1]["clip_ratio/region_mean"] > 0 and expected[1]["grad_norm"] > 0
 
 
 class HeadCalls:

@@ -18,6 +18,12 @@ ranks and TRL's gradient accumulation accounted for):
   with the world group), so the optimizer step's gradient is the Delta-L gradient of the whole batch.
 - ``"dapo"``: TRL's normaliser (active tokens of the whole generation batch, all processes) is our
   global ``token-mean``; identical.
+- ``"cispo"``: ``objective="cispo"`` with TRL's cap: TRL weighs -A_t * logp_t by
+  sg(min(r_t, epsilon_high)), which is ours with ``clip_low=1`` (no lower bound) and
+  ``clip_high=epsilon_high - 1`` (so ``epsilon_high >= 1`` is required: TRL's default
+  ``epsilon_high=None`` falls back to ``epsilon``, a cap below 1 that dk's clip cannot express);
+  TRL's normaliser is dapo's (token mean over the generation batch), and so is ours. ``delta`` is
+  ignored, as TRL ignores it for cispo.
 - ``"grpo"``: TRL's per-micro-batch mean over completions of the per-completion token mean; our
   ``seq-mean-token-mean`` over the optimizer batch when no completion is fully masked (TRL counts
   a fully masked completion, e.g. one dropped by ``mask_truncated_completions``, in the mean; so
@@ -26,18 +32,38 @@ ranks and TRL's gradient accumulation accounted for):
   ``seq-mean-token-sum-norm`` with the same caveat.
 - ``"bnpo"``: TRL's token mean over each micro-batch: a local normaliser, no global equivalent.
 
+The other options of the objective (``dk.policy_loss``'s ``ratio_level``, ``objective`` and
+``rollout_*``, for every loss type above, on both the fused and the logits path):
+
+- ``importance_sampling_level="sequence"`` (GSPO): ``ratio_level="sequence"``. TRL's sequence-level
+  ratio exp(mean_t(logp - old)) is one value per completion; dk's GSPO-token form has that value on
+  every token and the same gradient, so loss and gradients equal TRL's for every loss type (with
+  ``grpo`` it is GSPO exactly; TRL warns that the token-sum types weigh each sequence by its length).
+- ``use_vllm`` with ``vllm_importance_sampling_correction`` (TRL's default when vLLM generates):
+  ``rollout_logprobs`` = the batch's ``sampling_per_token_logps`` (the sampler's log-probs that TRL
+  stores at generation), ``rollout_correction = vllm_importance_sampling_mode`` (the same four
+  names: ``token_truncate``, ``token_mask``, ``sequence_truncate``, ``sequence_mask``) and
+  ``rollout_clip = (vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max)``.
+  dk recomputes TRL's ``importance_sampling_ratio`` in the loss from the same old and sampling
+  log-probs (exp of their difference, or of its sum over the completion, clamped or zeroed outside
+  the bounds, a NaN sampling log-prob counting as no correction) and multiplies the policy term
+  only, as TRL does; dk clamps the exponent to [-20, 20] first (TRL does not), equal whenever the
+  log-ratio is within that. At least one of the two bounds is required (TRL's mask modes accept
+  none and then apply the unbounded ratio, which dk does not).
+
 Differences from TRL's own loss, by construction:
 
 - the per-token ratio is exp(clamp(logp - old, -20, 20)) and the k3 KL is clamped as in SPEC
   section 1 (TRL clamps neither); equal whenever |logp - old| < 20 and k3 < 10;
 - ``delta`` (INTELLECT-2 two-sided clipping) is ``dual_clip``: the same objective when
-  delta > 1 + epsilon_high, which this trainer requires;
+  delta > 1 + epsilon_high, which this trainer requires (except with cispo, which ignores it);
 - ``entropy_coef`` enters l_t and is weighted like the policy term (SPEC section 1); TRL adds a
   token-mean entropy bonus instead (and logs "policy_loss" and "entropy_coef", which this trainer
   does not). Adaptive entropy control is not supported;
-- not supported (a clear error at construction): other loss types, sequence-level importance
-  sampling, ``off_policy_mask_threshold``, ``top_entropy_quantile < 1``, vLLM importance-sampling
-  correction, ``use_bias_correction_kl`` with ``beta != 0``, MoE auxiliary loss, image inputs.
+- not supported (a clear error at construction): the other loss types (``sapo``, ``luspo``,
+  ``vespo``), ``off_policy_mask_threshold``, ``top_entropy_quantile < 1``, ``use_bias_correction_kl``
+  with ``beta != 0``, vLLM importance-sampling correction without a bound, MoE auxiliary loss,
+  image inputs.
 
 Memory: by default (``dk_fused_lm_head=True``) the loss is computed from the model's last hidden
 state and its ``lm_head`` with ``dk.linear_policy_loss``: no [B, K, V] or [N, V] logits, only one
@@ -50,6 +76,7 @@ with ``dk_fused_lm_head=False``, the padded completion logits [B, K, V] are mate
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +89,8 @@ from ..linear import linear_policy_loss
 from ..loss import policy_loss
 from ..packing import pack, unpack
 
-LOSS_TYPES = ("delta-l", "dapo", "grpo", "dr_grpo", "bnpo")
+LOSS_TYPES = ("delta-l", "dapo", "grpo", "dr_grpo", "bnpo", "cispo")
+ROLLOUT_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")  # TRL's = dk's names
 
 
 @dataclass
@@ -75,7 +103,7 @@ class DeltaLGRPOConfig(GRPOConfig):
 
     loss_type: str = field(default="delta-l", metadata={
         "help": "'delta-l' (Delta-L, weights over the whole generation batch), or one of TRL's 'dapo', 'grpo', "
-                "'dr_grpo', 'bnpo' computed by deltal_kernels."})
+                "'dr_grpo', 'bnpo', 'cispo' computed by deltal_kernels."})
     delta_l_alpha: float = field(default=1.0, metadata={
         "help": "Delta-L's alpha in [0, 1]: 1 is the minimum-variance unbiased choice, 0 gives Dr. GRPO."})
     use_bias_correction_kl: bool = field(default=False, metadata={
@@ -86,19 +114,26 @@ class DeltaLGRPOConfig(GRPOConfig):
                 "the model allows it; False materialises the completion logits."})
 
 
+def _vllm_correction(obj) -> bool:
+    """Does ``obj`` (a GRPOConfig or a GRPOTrainer) correct for the vLLM sampler's log-probs?"""
+    return bool(getattr(obj, "use_vllm", False) and getattr(obj, "vllm_importance_sampling_correction", False))
+
+
 def check_supported(args) -> None:
     """Raise a ValueError naming the option when ``args`` asks for something this trainer does not compute."""
     if args.loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {args.loss_type!r}")
+        raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {args.loss_type!r} "
+                         "(DeltaLGRPOTrainer does not compute TRL's other loss types)")
     alpha = getattr(args, "delta_l_alpha", 1.0)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"delta_l_alpha: expected a number in [0, 1], got {alpha!r}")
+    if args.importance_sampling_level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level: expected 'token' or 'sequence', got "
+                         f"{args.importance_sampling_level!r}")
     unsupported = {
-        "importance_sampling_level": args.importance_sampling_level != "token",
         "off_policy_mask_threshold": args.off_policy_mask_threshold is not None,
         "top_entropy_quantile": args.top_entropy_quantile < 1.0,
         "use_adaptive_entropy": args.use_adaptive_entropy,
-        "vllm_importance_sampling_correction": args.use_vllm and args.vllm_importance_sampling_correction,
         "use_bias_correction_kl": args.beta != 0.0 and args.use_bias_correction_kl,
     }
     for name, bad in unsupported.items():
@@ -106,8 +141,28 @@ def check_supported(args) -> None:
             raise ValueError(f"{name}: {getattr(args, name)!r} is not supported by DeltaLGRPOTrainer "
                              "(see deltal_kernels.integrations.trl)")
     epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    if args.delta is not None and not args.delta > 1.0 + epsilon_high:
+    if args.loss_type == "cispo":
+        if not epsilon_high >= 1.0:
+            raise ValueError(f"epsilon_high: loss_type='cispo' caps the ratio at epsilon_high, which "
+                             f"DeltaLGRPOTrainer needs >= 1 (dk's clip_high = epsilon_high - 1), got {epsilon_high!r} "
+                             "(epsilon_high=None falls back to epsilon; CISPO/ScaleRL use e.g. 4 or 5)")
+    elif args.delta is not None and not args.delta > 1.0 + epsilon_high:
         raise ValueError(f"delta: expected a value > 1 + epsilon_high = {1.0 + epsilon_high}, got {args.delta!r}")
+    if _vllm_correction(args):
+        mode = args.vllm_importance_sampling_mode
+        if mode not in ROLLOUT_MODES:
+            raise ValueError(f"vllm_importance_sampling_mode: expected one of {ROLLOUT_MODES}, got {mode!r}")
+        lo, hi = args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max
+        for name, bound in (("vllm_importance_sampling_clip_min", lo), ("vllm_importance_sampling_clip_max", hi)):
+            if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound >= 0):
+                raise ValueError(f"{name}: expected None or a finite number >= 0, got {bound!r}")
+        if lo is None and hi is None:
+            raise ValueError("vllm_importance_sampling_clip_max: DeltaLGRPOTrainer needs at least one of "
+                             "vllm_importance_sampling_clip_min/max with vllm_importance_sampling_correction "
+                             "(dk has no unbounded importance weight, which TRL's mask modes apply without bounds)")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"vllm_importance_sampling_clip_min: {lo!r} exceeds vllm_importance_sampling_clip_max "
+                             f"{hi!r}")
 
 
 class DeltaLGRPOTrainer(GRPOTrainer):
@@ -147,7 +202,7 @@ class DeltaLGRPOTrainer(GRPOTrainer):
             # accumulation / steps_per_generation of it
             scale = self.args.steps_per_generation / accumulation if mode == "train" else 1.0
             w = inputs["delta_l_weights"].to(torch.float64) * scale
-        elif self.loss_type == "dapo":
+        elif self.loss_type in ("dapo", "cispo"):  # TRL: the same normaliser
             normalizer = inputs["num_items_in_batch"].to(torch.float64).clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * accumulation / self.args.steps_per_generation
@@ -172,13 +227,15 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         ids = torch.cat([prompt_ids, completion_ids], 1)
         attention = torch.cat([prompt_mask, completion_mask], 1)
         advantages = inputs["advantages"]
-        advantages = advantages[:, None].expand_as(scored) if advantages.dim() == 1 else advantages
+        advantages_trl = advantages[:, None] if advantages.dim() == 1 else advantages  # TRL's shape, for metrics
+        advantages = advantages_trl.expand_as(scored)
         weights = self._sequence_weights(inputs, scored.sum(1), mode)
-        opts = dict(clip_low=self.epsilon_low, clip_high=self.epsilon_high, dual_clip=self.args.delta,
-                    temperature=self.temperature, backend=self.dk_backend)
+        opts = dict(temperature=self.temperature, backend=self.dk_backend)
 
         def packed(x):
             return pack(x, scored).values
+
+        objective = self._dk_objective(inputs, packed)
 
         targets = packed(completion_ids)
         head = self._dk_lm_head(model)
@@ -220,10 +277,27 @@ class DeltaLGRPOTrainer(GRPOTrainer):
                 old = loss_call(torch.zeros_like(targets, dtype=torch.float32), zeros, zeros, **opts).logprobs
         ref = packed(inputs["ref_per_token_logps"]) if self.beta != 0.0 else None
         out = loss_call(old, packed(advantages), weights, ref_logprobs=ref, kl_coef=self.beta, kl_type="k3",
-                        entropy_coef=self.entropy_coef, with_entropy=True, **opts)
-        self._log_like_trl(mode, scored, advantages, unpack(out.logprobs, scored), unpack(old, scored),
+                        entropy_coef=self.entropy_coef, with_entropy=True, **objective, **opts)
+        self._log_like_trl(mode, scored, advantages_trl, unpack(out.logprobs, scored), unpack(old, scored),
                            unpack(out.entropy, scored), None if ref is None else unpack(ref, scored))
         return out.loss
+
+    def _dk_objective(self, inputs, packed) -> dict:
+        """dk.policy_loss's objective options from TRL's (see the module docstring)."""
+        cispo = self.loss_type == "cispo"
+        options = dict(ratio_level=self.importance_sampling_level, objective="cispo" if cispo else "ppo",
+                       # TRL's cispo: sg(min(r, epsilon_high)) = sg(clamp(r, 1 - 1, 1 + (epsilon_high - 1)))
+                       clip_low=1.0 if cispo else self.epsilon_low,
+                       clip_high=self.epsilon_high - 1.0 if cispo else self.epsilon_high,
+                       dual_clip=None if cispo else self.args.delta)
+        if _vllm_correction(self):
+            if inputs.get("sampling_per_token_logps") is None:
+                raise ValueError("sampling_per_token_logps: vllm_importance_sampling_correction needs the sampler's "
+                                 "log-probs in the batch (TRL stores them when vLLM generates)")
+            options.update(rollout_logprobs=packed(inputs["sampling_per_token_logps"]),
+                           rollout_correction=self.vllm_importance_sampling_mode,
+                           rollout_clip=(self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max))
+        return options
 
     def _dk_lm_head(self, model):
         """The model's lm_head when the fused path can replace its logits, else None (see the module docstring)."""
@@ -260,21 +334,36 @@ class DeltaLGRPOTrainer(GRPOTrainer):
         return head if self._dk_head_checked else None
 
     def _log_like_trl(self, mode, mask, advantages, logps, old, entropies, ref):
-        """TRL's metrics (entropy, kl, clip_ratio/*), computed as GRPOTrainer._compute_loss does."""
+        """TRL's metrics (entropy, kl, clip_ratio/* or cispo_clip_ratio), computed as GRPOTrainer._compute_loss
+        does: with importance_sampling_level="sequence" the ratio and its clip flags are one value per completion.
+        ``advantages`` in TRL's shape ([B, 1] or [B, K])."""
         mask = mask.to(logps.dtype)
 
         def masked_seq_mean(x):
+            if x.shape[1] == 1:  # one value per completion
+                return x.squeeze(1)
             return (x * mask).sum(-1) / mask.sum(-1)
 
         def global_masked_mean(x):
-            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum()]), reduction="sum")
+            if x.shape[1] == 1:  # one value per completion: every completion counts once
+                local = torch.stack([x.sum(), x.new_tensor(float(x.shape[0]))])
+            else:
+                local = torch.stack([(x * mask).sum(), mask.sum()])
+            totals = self.accelerator.reduce(local, reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
         metrics = self._metrics[mode]
         if ref is not None:
             metrics["kl"].append(global_masked_mean(torch.exp(ref - logps) - (ref - logps) - 1))
         metrics["entropy"].append(global_masked_mean(entropies))
-        coef_1 = torch.exp(logps - old)
+        log_ratio = logps - old
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+        coef_1 = torch.exp(log_ratio)
+        if self.loss_type == "cispo":
+            is_clipped = ((coef_1 > self.epsilon_high) & (advantages > 0)).to(logps.dtype)
+            metrics["cispo_clip_ratio"].append(global_masked_mean(is_clipped))
+            return
         is_low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).to(logps.dtype)
         is_high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).to(logps.dtype)
         metrics["clip_ratio/low_mean"].append(global_masked_mean(is_low))
