@@ -128,14 +128,46 @@ def test_compute_policy_loss_matches_verl_vanilla(mode, info):
 
 
 @needs_verl
-def test_registered_delta_l_loss_is_verl_vanilla_with_rescaled_advantages():
-    """verl's own vanilla loss, seq-mean-token-sum, with A_i scaled by G * w_i (the PPO objective is
-    positively homogeneous in A) is the Delta-L loss: an independent check through verl's code."""
-    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn
+@pytest.mark.parametrize("policy", ["vanilla", "gspo", "cispo"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("info", GLOBAL_INFOS[:2])
+@pytest.mark.parametrize("with_rollout_is", [False, True], ids=["", "rollout_is"])
+def test_compute_policy_loss_matches_verl_gspo_and_cispo(policy, mode, info, with_rollout_is):
+    """compute_policy_loss(policy=...) is verl's compute_policy_loss_<policy>, with verl's rollout-correction
+    weights (rollout_is_weights) on the policy term."""
+    from verl.trainer.ppo import core_algos
 
+    b = batch(1)
+    config = actor_config(global_batch_info=dict(info))
+    kw = {}
+    if with_rollout_is:
+        gen = torch.Generator().manual_seed(9)
+        kw["rollout_is_weights"] = (torch.rand(BS, T, generator=gen, dtype=torch.float64) * 2) * b["mask"]
+    verl_fn = getattr(core_algos, f"compute_policy_loss_{policy}")
+    expected = policy_loss_and_grad(verl_fn, b, mode, config, **kw)
+
+    def ours(*args, **kwargs):
+        return dkv.compute_policy_loss(*args, policy=policy, **kwargs)
+
+    got = policy_loss_and_grad(ours, b, mode, config, **kw)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-13, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-13, atol=1e-16)
+    assert got[2] == pytest.approx(expected[2], rel=1e-12)
+    assert expected[2]["actor/pg_clipfrac"] > 0  # the batch exercises the clip
+
+
+@needs_verl
+@pytest.mark.parametrize("policy,name", [("vanilla", "delta-l"), ("gspo", "delta-l-gspo"), ("cispo", "delta-l-cispo")])
+def test_registered_delta_l_loss_is_verl_vanilla_with_rescaled_advantages(policy, name):
+    """verl's own policy loss (vanilla, gspo, cispo), seq-mean-token-sum, with A_i scaled by G * w_i (each
+    objective is positively homogeneous in A) is the Delta-L loss: an independent check through verl's code."""
+    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    compute_policy_loss_vanilla = getattr(core_algos, f"compute_policy_loss_{policy}")
     alpha = 0.75
-    registered = dkv.register(alpha=alpha)
-    assert get_policy_loss_fn("delta-l") is registered
+    registered = dkv.register(alpha=alpha, policy=policy)
+    assert get_policy_loss_fn(name) is registered
 
     b = batch(2)
     config = actor_config(global_batch_info={}, loss_scale_factor=None)
@@ -202,7 +234,10 @@ def verl_actor_loss(config, logits, data, temperature):
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("kl,entropy", [(False, 0.0), (True, 0.01)])
 @pytest.mark.parametrize("dp", [1, 2])
-def test_fused_actor_loss_matches_verl_ppo_loss(mode, kl, entropy, dp):
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gspo", "cispo"])
+def test_fused_actor_loss_matches_verl_ppo_loss(mode, kl, entropy, dp, loss_mode):
+    """verl's actor loss with policy_loss.loss_mode vanilla, gspo (dk's ratio_level="sequence") and cispo
+    (dk's objective="cispo")."""
     from verl.utils import tensordict_utils as tu
 
     data, logits = micro_batch(3, kl=kl)
@@ -211,7 +246,8 @@ def test_fused_actor_loss_matches_verl_ppo_loss(mode, kl, entropy, dp):
         info = dict(dp_size=dp, batch_num_tokens=29, global_batch_size=8)
     tu.assign_non_tensor(data, **info)
     config = actor_config(loss_agg_mode=mode, entropy_coeff=entropy, use_kl_loss=kl, kl_loss_coef=0.1,
-                          kl_loss_type="low_var_kl", loss_scale_factor=12 if dp > 1 else None)
+                          kl_loss_type="low_var_kl", loss_scale_factor=12 if dp > 1 else None,
+                          policy_loss={"loss_mode": loss_mode})
 
     x_verl = logits.clone().requires_grad_(True)
     expected, expected_metrics = verl_actor_loss(config, x_verl, data, 0.7)
@@ -222,9 +258,9 @@ def test_fused_actor_loss_matches_verl_ppo_loss(mode, kl, entropy, dp):
 
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(x_dk.grad, x_verl.grad, rtol=1e-12, atol=1e-15)
-    # the batch exercises the clip and the dual clip
+    # the batch exercises the clip and (vanilla) the dual clip
     assert expected_metrics["actor/pg_clipfrac"].aggregate() > 0
-    assert expected_metrics["actor/pg_clipfrac_lower"].aggregate() > 0
+    assert (expected_metrics["actor/pg_clipfrac_lower"].aggregate() > 0) == (loss_mode == "vanilla")
     for name in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
         # verl computes these token means from float32 flags; dk in the logits' dtype (float64 here)
         assert metrics[name].aggregate() == pytest.approx(expected_metrics[name].aggregate(), rel=1e-6)
@@ -291,7 +327,9 @@ def test_importing_the_module_registers_delta_l_with_verl():
 
     code = ("import deltal_kernels.integrations.verl as m\n"
             "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
-            "assert get_policy_loss_fn('delta-l').__name__ == 'delta_l_policy_loss'\n")
+            "assert get_policy_loss_fn('delta-l').__name__ == 'delta_l_policy_loss'\n"
+            "assert get_policy_loss_fn('delta-l-gspo').__name__ == 'delta_l_gspo_policy_loss'\n"
+            "assert get_policy_loss_fn('delta-l-cispo').__name__ == 'delta_l_cispo_policy_loss'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -332,3 +370,90 @@ def test_fused_linear_actor_loss_matches_verl_on_the_lm_head_logits(mode, kl, en
         assert metrics[name].aggregate() == pytest.approx(expected_metrics[name].aggregate(), rel=1e-6)
     with pytest.raises(ValueError, match="hidden_rmpad"):
         dkv.fused_linear_ppo_loss(config, ours["hidden"][1:], ours["weight"], data, backend="torch")
+
+
+@needs_verl
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("threshold", [2.0, "0.5_2.0", 1.5, "0.25_4.0"], ids=["tis2", "icepop0.5-2", "tis1.5",
+                                                                           "icepop0.25-4"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_rollout_correction_matches_verl_rollout_is(level, threshold, mode):
+    """dk.policy_loss's rollout_correction from the rollout log-probs equals verl's actor policy loss (vanilla)
+    times verl's compute_rollout_correction_weights: rollout_is token/sequence with a single threshold (TIS)
+    is *_truncate with (None, t); with "lower_upper" (IcePop) it is *_mask with (lower, upper)."""
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    b = batch(3)
+    gen = torch.Generator().manual_seed(10)
+    mask = b["mask"]
+    rollout = b["old"] + 0.7 * torch.randn(BS, T, generator=gen, dtype=torch.float64)
+    weights, _ = compute_rollout_correction_weights(b["old"] - rollout, mask, rollout_is=level,
+                                                    rollout_is_threshold=threshold)
+    V = 7
+    logits = 1.5 * torch.randn(BS, T, V, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, V, (BS, T), generator=gen)
+
+    x_verl = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(x_verl, -1).gather(-1, targets[..., None]).squeeze(-1)
+    config = actor_config(global_batch_info={})
+    expected, _ = compute_policy_loss_vanilla(b["old"], logp, b["adv"], mask, mode, config,
+                                              rollout_is_weights=weights)
+    expected.backward()
+
+    if isinstance(threshold, str):
+        lower, upper = (float(x) for x in threshold.split("_"))
+        correction, clip = f"{level}_mask", (lower, upper)
+    else:
+        correction, clip = f"{level}_truncate", (None, threshold)
+    lengths = torch.full((BS,), T)  # every row packed (response_mask as loss_mask)
+    cu = dk.packing.cu_seqlens_from_lengths(lengths)
+    x_dk = logits.clone().requires_grad_(True)
+    out = dk.policy_loss(x_dk.reshape(BS * T, V), targets.reshape(-1), b["old"].reshape(-1), b["adv"].reshape(-1), cu,
+                         loss_mask=mask.reshape(-1).bool(), weights=dkv.agg_weights(mask, mode), clip_low=0.2,
+                         clip_high=0.28, dual_clip=3.0, rollout_logprobs=rollout.reshape(-1),
+                         rollout_correction=correction, rollout_clip=clip, backend="torch")
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, expected.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(x_dk.grad, x_verl.grad, rtol=1e-10, atol=1e-15)
+    # the thresholds act on this batch: some weights at the bound (TIS) or zeroed (IcePop), some not
+    live = weights[mask.bool()]
+    hit = (live == 0) if isinstance(threshold, str) else (live == threshold)
+    assert 0 < int(hit.sum()) < live.numel()
+
+
+@needs_verl
+def test_delta_l_needs_its_max_len_in_remove_padding_mode():
+    """The padded width of a remove-padding micro-batch is its longest response, not Delta-L's M: with
+    neither max_len / loss_scale_factor nor delta_l_weights, the fused and registered losses raise."""
+    from verl.utils import tensordict_utils as tu
+
+    data, logits = micro_batch(8, kl=False)
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    config = actor_config(loss_scale_factor=None)
+    with pytest.raises(ValueError, match="max_len"):
+        dkv.fused_ppo_loss(config, logits, data, loss_agg_mode="delta-l", backend="torch")
+    with pytest.raises(ValueError, match="loss_scale_factor"):
+        dkv.fused_ppo_loss(actor_config(loss_scale_factor=None, policy_loss={"loss_mode": "delta-l-gspo"}), logits,
+                           data, backend="torch")
+    # max_len, or verl's loss_scale_factor, is M: the formula with M = 16
+    M = 16
+    by_max_len, _ = dkv.fused_ppo_loss(config, logits, data, loss_agg_mode="delta-l", max_len=M, backend="torch")
+    by_factor, _ = dkv.fused_ppo_loss(actor_config(loss_scale_factor=M), logits, data, loss_agg_mode="delta-l",
+                                      backend="torch")
+    response_mask = data.select("response_mask").to_padded_tensor()["response_mask"]
+    assert response_mask.shape[1] < M  # the padded width would have been a different M
+    w = dk.sequence_weights(response_mask.sum(-1), "delta-l", max_len=M, dtype=torch.float64)
+    data["delta_l_weights"] = w
+    by_weights, _ = dkv.fused_ppo_loss(config, logits, data, loss_agg_mode="delta-l", backend="torch")
+    torch.testing.assert_close(by_max_len, by_weights, rtol=1e-13, atol=0)
+    torch.testing.assert_close(by_factor, by_weights, rtol=1e-13, atol=0)
+    # the registered loss under verl's engine (ppo_loss sets loss_scale_factor in global_batch_info)
+    b = batch(4)
+    engine_info = dict(dp_size=1, batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None)
+    for name in ("delta-l", "delta-l-gspo", "delta-l-cispo"):
+        from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+        with pytest.raises(ValueError, match="loss_scale_factor"):
+            get_policy_loss_fn(name)(b["old"], b["logp"], b["adv"], b["mask"], "token-mean",
+                                     actor_config(global_batch_info=dict(engine_info)))

@@ -1,7 +1,8 @@
 """verl: Delta-L as a loss aggregation mode, a registered policy loss, and a fused actor loss.
 
 Works without verl for the functions; with verl importable, importing this module registers the
-"delta-l" policy loss (alpha = 1; ``register(alpha)`` for another). Tested against verl 0.9.1.
+"delta-l", "delta-l-gspo" and "delta-l-cispo" policy losses (alpha = 1; ``register(alpha, policy=...)``
+for another). Tested against verl 0.9.1.
 
 (a) ``agg_loss``: verl's ``core_algos.agg_loss`` signature and semantics for its modes
     ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -17,9 +18,17 @@ Works without verl for the functions; with verl importable, importing this modul
 
     Without it (dp_size must be 1) the weights are those of the micro-batch alone.
 (b) ``compute_policy_loss``: verl's ``compute_policy_loss_vanilla`` (clip, dual clip
-    ``clip_ratio_c``, rollout importance weights) aggregated by ``agg_loss``; ``register(alpha)``
-    (run at import when verl is importable) adds it to verl's registry as
-    ``actor.policy_loss.loss_mode="delta-l"``. verl's ``ppo_loss``
+    ``clip_ratio_c``), ``_gspo`` or ``_cispo`` (``policy=``), with verl's rollout-correction weights
+    ``rollout_is_weights`` on the policy term only, aggregated by ``agg_loss``;
+    ``register(alpha, policy=...)`` (run at import when verl is importable, for the three) adds it
+    to verl's registry as ``actor.policy_loss.loss_mode="delta-l"``, ``"delta-l-gspo"`` or
+    ``"delta-l-cispo"``: verl's policy loss of that name with Delta-L aggregation. verl computes the
+    rollout-correction weights itself (``algorithm.rollout_correction``: ``rollout_is`` token or
+    sequence, a single threshold = TIS = dk's ``*_truncate`` with ``(None, t)``, ``"lower_upper"`` =
+    IcePop = dk's ``*_mask`` with ``(lower, upper)``) and hands them to whichever loss is registered.
+    Delta-L's M is ``loss_scale_factor``: under verl's engine (remove-padding, ``ppo_loss`` sets
+    ``global_batch_info["loss_scale_factor"]``) a missing one is an error naming it, since the
+    padded width there is the micro-batch's longest response. verl's ``ppo_loss``
     hands a policy loss only the micro-batch's tensors and ``config.global_batch_info`` (dp_size,
     batch_num_tokens, global_batch_size, loss_scale_factor), so the registered loss normalises over
     the micro-batch on one rank unless ``config.global_batch_info["delta_l_weights"]`` holds the
@@ -47,6 +56,10 @@ Works without verl for the functions; with verl importable, importing this modul
                                                loss_agg_mode="delta-l")
                 return loss, {"loss": loss.detach().item(), "metrics": metrics}
 
+    The policy loss is ``config.policy_loss.loss_mode``'s: "vanilla", "gspo" (dk's
+    ``ratio_level="sequence"``), "cispo" (dk's ``objective="cispo"``), or "delta-l", "delta-l-gspo",
+    "delta-l-cispo" (the same with Delta-L aggregation); Delta-L's M is ``max_len=`` or
+    ``config.loss_scale_factor``, an error without either (or ``delta_l_weights``).
     It supports one temperature per micro-batch, no Ulysses sequence parallelism (the rows must be
     the whole micro-batch) and no rollout_is_weights; it checks and raises otherwise.
 (d) ``fused_linear_ppo_loss``: the same from the hidden states and ``lm_head.weight`` (like verl's
@@ -128,60 +141,117 @@ def _clip_options(config):
     return low, high, config.get("clip_ratio_c", 3.0)
 
 
+POLICY_LOSSES = ("vanilla", "gspo", "cispo")  # verl's compute_policy_loss_<name>
+# verl's policy_loss.loss_mode -> (policy loss, Delta-L aggregation forced)
+LOSS_MODES = {"vanilla": ("vanilla", False), "gspo": ("gspo", False), "cispo": ("cispo", False),
+              "delta-l": ("vanilla", True), "delta-l-gspo": ("gspo", True), "delta-l-cispo": ("cispo", True)}
+
+
+def _check_delta_l_horizon(info: dict, max_len=None) -> None:
+    """Delta-L's M must be given in remove-padding mode, where the padded width is the micro-batch's longest
+    response: verl's engine (``ppo_loss``) always sets ``global_batch_info["loss_scale_factor"]``."""
+    if "loss_scale_factor" in info and info["loss_scale_factor"] is None and max_len is None \
+            and info.get("delta_l_weights") is None:
+        raise ValueError("loss_scale_factor: Delta-L's M (max_len) is required in remove-padding mode (the padded width "
+                         "is only the micro-batch's longest response): set actor.loss_scale_factor to the maximum "
+                         "response length, or pass the mini-batch's delta_l_weights")
+
+
 def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode: str = "token-mean",
-                        config=None, rollout_is_weights=None, *, alpha: float = 1.0):
-    """verl's vanilla PPO policy loss (``compute_policy_loss_vanilla``), aggregated by ``agg_loss``.
+                        config=None, rollout_is_weights=None, *, alpha: float = 1.0, policy: str = "vanilla"):
+    """verl's policy loss ``compute_policy_loss_<policy>`` (vanilla, gspo or cispo), aggregated by ``agg_loss``.
 
     Same signature and results as verl's for its aggregation modes; ``loss_agg_mode="delta-l"`` uses
-    ``config.global_batch_info["delta_l_weights"]`` when present. Returns (pg_loss, metrics).
+    ``config.global_batch_info["delta_l_weights"]`` when present. ``rollout_is_weights`` (verl's rollout
+    correction weights) multiply the policy term only, as in verl. Returns (pg_loss, metrics).
+
+    - "vanilla": clip, dual clip ``clip_ratio_c``; the log-ratio clamped to [-20, 20] (as verl);
+    - "gspo": GSPO-token, s_i = exp(mean over i's response tokens of (log_prob - old)), the value
+      sg(s_i) * exp(log_prob - sg(log_prob)) clipped like vanilla without the dual clip; the log-ratio
+      clamped to [-20, 20] (verl clamps it at +10 only: equal whenever it is within [-20, 10]);
+    - "cispo": -sg(clamp(r, 1 - clip_ratio_low, 1 + clip_ratio_high)) * A * log_prob (both sides, as verl).
     """
     if config is None:
         raise ValueError("config: the actor config (clip_ratio, clip_ratio_low/high/c, global_batch_info) is required")
+    if policy not in POLICY_LOSSES:
+        raise ValueError(f"policy: expected one of {POLICY_LOSSES}, got {policy!r}")
     low, high, c = _clip_options(config)
-    if not c > 1.0:
+    if policy == "vanilla" and not c > 1.0:
         raise ValueError(f"clip_ratio_c: expected a value > 1, got {c!r}")
-    log_ratio = torch.clamp(log_prob - old_log_prob, -20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    pg1 = -advantages * ratio
-    pg2 = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
-    clipped = torch.maximum(pg1, pg2)
-    pg3 = -advantages * c
-    pg = torch.where(advantages < 0, torch.minimum(pg3, clipped), clipped)
-    if rollout_is_weights is not None:
-        pg = pg * rollout_is_weights
     info = dict(config.global_batch_info)
-    pg_loss = agg_loss(pg, response_mask, loss_agg_mode, alpha=alpha, **info)
+    if loss_agg_mode == "delta-l":
+        _check_delta_l_horizon(info)
 
     def masked_mean(x):  # verl_F.masked_mean, dtypes included
         return (x * response_mask).sum() / (response_mask.sum() + 1e-8)
 
+    negative_approx_kl = log_prob - old_log_prob
+    if policy == "gspo":
+        seq_lengths = response_mask.sum(-1).clamp(min=1)
+        seq = (negative_approx_kl * response_mask).sum(-1) / seq_lengths
+        log_ratio = torch.clamp(log_prob - log_prob.detach() + seq.detach().unsqueeze(-1), -20.0, 20.0)
+        ppo_kl = masked_mean(-negative_approx_kl)
+    else:
+        log_ratio = torch.clamp(negative_approx_kl, -20.0, 20.0)
+        ppo_kl = masked_mean(-log_ratio)
+    ratio = torch.exp(log_ratio)
+    clipfrac_lower = 0.0
+    if policy == "cispo":
+        clipped_ratio = torch.clamp(ratio, 1 - low, 1 + high)
+        pg = -clipped_ratio.detach() * advantages * log_prob
+        clipfrac = masked_mean((ratio != clipped_ratio).float())
+    else:
+        pg1 = -advantages * ratio
+        pg2 = -advantages * torch.clamp(ratio, 1 - low, 1 + high)
+        pg = torch.maximum(pg1, pg2)
+        clipfrac = masked_mean(torch.gt(pg2, pg1).float())
+        if policy == "vanilla":
+            pg3 = -advantages * c
+            clipped = pg
+            pg = torch.where(advantages < 0, torch.minimum(pg3, clipped), clipped)
+            clipfrac_lower = masked_mean((torch.gt(clipped, pg3) * (advantages < 0).float())).detach().item()
+    if rollout_is_weights is not None:
+        pg = pg * rollout_is_weights
+    pg_loss = agg_loss(pg, response_mask, loss_agg_mode, alpha=alpha, **info)
     metrics = {
-        "actor/pg_clipfrac": masked_mean(torch.gt(pg2, pg1).float()).detach().item(),
-        "actor/ppo_kl": masked_mean(-log_ratio).detach().item(),
-        "actor/pg_clipfrac_lower": masked_mean((torch.gt(clipped, pg3) * (advantages < 0).float())).detach().item(),
+        "actor/pg_clipfrac": clipfrac.detach().item(),
+        "actor/ppo_kl": ppo_kl.detach().item(),
+        "actor/pg_clipfrac_lower": clipfrac_lower,
     }
     return pg_loss, metrics
 
 
-def register(alpha: float = 1.0, name: str = "delta-l"):
-    """Register ``compute_policy_loss`` with Delta-L aggregation in verl's policy-loss registry as ``name``.
+def register(alpha: float = 1.0, name: Optional[str] = None, *, policy: str = "vanilla"):
+    """Register ``compute_policy_loss(policy=policy)`` with Delta-L aggregation in verl's policy-loss registry.
 
-    Then ``actor_rollout_ref.actor.policy_loss.loss_mode=delta-l`` selects it. Raises ImportError
-    without verl. Returns the registered function.
+    ``name`` defaults to "delta-l" (vanilla), "delta-l-gspo" or "delta-l-cispo"; then
+    ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>`` selects it. Importing this module registers
+    all three with alpha = 1. Raises ImportError without verl. Returns the registered function.
     """
     from verl.trainer.ppo.core_algos import register_policy_loss
+
+    if policy not in POLICY_LOSSES:
+        raise ValueError(f"policy: expected one of {POLICY_LOSSES}, got {policy!r}")
+    if name is None:
+        name = "delta-l" if policy == "vanilla" else f"delta-l-{policy}"
 
     def delta_l_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="delta-l", config=None,
                             rollout_is_weights=None):
         # the aggregation is Delta-L whatever actor.loss_agg_mode says (verl's config rejects "delta-l" there)
         return compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, "delta-l", config,
-                                   rollout_is_weights, alpha=alpha)
+                                   rollout_is_weights, alpha=alpha, policy=policy)
 
+    if policy != "vanilla":
+        delta_l_policy_loss.__name__ = delta_l_policy_loss.__qualname__ = f"delta_l_{policy}_policy_loss"
     return register_policy_loss(name)(delta_l_policy_loss)
 
 
-def _fused_rows(config, N: int, data, loss_agg_mode, alpha, arg: str):
+def _fused_rows(config, N: int, data, loss_agg_mode, alpha, arg: str, max_len=None):
     """The micro-batch as dk's rows: (positional args after the logits, keyword options) of policy_loss."""
+    loss_mode = config.policy_loss.get("loss_mode", "vanilla") if config.get("policy_loss") is not None else "vanilla"
+    if loss_mode not in LOSS_MODES:
+        raise ValueError(f"policy_loss.loss_mode: fused_ppo_loss computes {sorted(LOSS_MODES)}, got {loss_mode!r}")
+    policy, forced_delta_l = LOSS_MODES[loss_mode]
     if "rollout_is_weights" in data.keys():
         raise ValueError("rollout_is_weights: per-token rollout correction weights are not supported by fused_ppo_loss")
     temperature = data["temperature"]
@@ -216,11 +286,20 @@ def _fused_rows(config, N: int, data, loss_agg_mode, alpha, arg: str):
 
     loss_mask = torch.zeros(N, dtype=torch.bool, device=cu.device)
     loss_mask[scored_rows] = True
-    mode = loss_agg_mode or config.loss_agg_mode
+    mode = loss_agg_mode or ("delta-l" if forced_delta_l else config.loss_agg_mode)
+    delta_l_weights = data["delta_l_weights"] if "delta_l_weights" in data.keys() else None
+    horizon = config.loss_scale_factor
+    if mode == "delta-l":  # M: max_len, else verl's loss_scale_factor; the padded width is not M here
+        _check_delta_l_horizon(dict(loss_scale_factor=horizon, delta_l_weights=delta_l_weights), max_len)
+        horizon = max_len if max_len is not None else horizon
     w = agg_weights(response_mask, mode, data["dp_size"], data["batch_num_tokens"], data["global_batch_size"],
-                    config.loss_scale_factor, alpha=alpha,
-                    delta_l_weights=data["delta_l_weights"] if "delta_l_weights" in data.keys() else None)
+                    horizon, alpha=alpha, delta_l_weights=delta_l_weights)
     low, high, c = _clip_options(config)
+    objective = dict(dual_clip=c)
+    if policy == "gspo":
+        objective = dict(ratio_level="sequence", dual_clip=None)
+    elif policy == "cispo":
+        objective = dict(objective="cispo", dual_clip=None)
     kl = {}
     if config.use_kl_loss:
         if config.kl_loss_type not in KL_TYPES:
@@ -228,7 +307,7 @@ def _fused_rows(config, N: int, data, loss_agg_mode, alpha, arg: str):
         kl = dict(ref_logprobs=to_rows(padded["ref_log_prob"]), kl_coef=config.kl_loss_coef,
                   kl_type=KL_TYPES[config.kl_loss_type])
     args = (targets, to_rows(padded["old_log_probs"]), to_rows(padded["advantages"]), cu)
-    options = dict(loss_mask=loss_mask, weights=w, clip_low=low, clip_high=high, dual_clip=c,
+    options = dict(loss_mask=loss_mask, weights=w, clip_low=low, clip_high=high, **objective,
                    entropy_coef=config.entropy_coeff, with_entropy=True, temperature=temperature, **kl)
     return args, options
 
@@ -243,7 +322,7 @@ def _verl_metrics(out):
 
 
 def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: Optional[str] = None,
-                   alpha: float = 1.0, backend: str = "auto"):
+                   alpha: float = 1.0, max_len: Optional[int] = None, backend: str = "auto"):
     """verl's log-probs + ``ppo_loss`` (vanilla policy loss, entropy bonus, KL loss) as one ``dk.policy_loss``.
 
     config: verl's ActorConfig (clip ratios, clip_ratio_c, entropy_coeff, use_kl_loss, kl_loss_coef,
@@ -254,15 +333,21 @@ def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: O
     loss; dp_size, batch_num_tokens, global_batch_size, temperature; optional delta_l_weights).
     Returns (loss, metrics) like ppo_loss (metrics as verl ``Metric`` means: pg_clipfrac, ppo_kl,
     pg_clipfrac_lower, entropy, and kl with the KL loss); the loss is differentiable w.r.t. logits_rmpad.
+
+    The policy loss is ``config.policy_loss.loss_mode``'s: "vanilla", "gspo" (dk's ``ratio_level="sequence"``),
+    "cispo" (``objective="cispo"``), or this module's "delta-l", "delta-l-gspo", "delta-l-cispo" (the same
+    with Delta-L aggregation); ``loss_agg_mode`` overrides the aggregation. Delta-L's M is ``max_len``, else
+    ``config.loss_scale_factor``; without either (and without ``delta_l_weights``) it is an error, since
+    the micro-batch's padded width is only its longest response.
     """
-    args, options = _fused_rows(config, logits_rmpad.shape[0], data, loss_agg_mode, alpha, "logits_rmpad")
+    args, options = _fused_rows(config, logits_rmpad.shape[0], data, loss_agg_mode, alpha, "logits_rmpad", max_len)
     out = policy_loss(logits_rmpad, *args, backend=backend, **options)
     return out.loss, _verl_metrics(out)
 
 
 def fused_linear_ppo_loss(config, hidden_rmpad: torch.Tensor, weight: torch.Tensor, data, *, bias=None,
-                          loss_agg_mode: Optional[str] = None, alpha: float = 1.0, backend: str = "auto",
-                          chunk_rows: Optional[int] = None):
+                          loss_agg_mode: Optional[str] = None, alpha: float = 1.0, max_len: Optional[int] = None,
+                          backend: str = "auto", chunk_rows: Optional[int] = None):
     """``fused_ppo_loss`` from the last hidden states and the LM-head weight, as verl's ``use_fused_kernels``.
 
     hidden_rmpad: [total_nnz, H], the backbone's output for the micro-batch's packed rows (what verl's
@@ -273,7 +358,7 @@ def fused_linear_ppo_loss(config, hidden_rmpad: torch.Tensor, weight: torch.Tens
     ``lm_head.weight`` in place of the logits (verl's ``use_fused_kernels`` forward already returns
     the hidden states and skips the LM head).
     """
-    args, options = _fused_rows(config, hidden_rmpad.shape[0], data, loss_agg_mode, alpha, "hidden_rmpad")
+    args, options = _fused_rows(config, hidden_rmpad.shape[0], data, loss_agg_mode, alpha, "hidden_rmpad", max_len)
     out = linear_policy_loss(hidden_rmpad, weight, *args, bias=bias, backend=backend, chunk_rows=chunk_rows,
                              **options)
     return out.loss, _verl_metrics(out)
@@ -284,4 +369,5 @@ try:  # with verl importable, loss_mode="delta-l" is there as soon as this modul
 except ImportError:  # no verl: agg_loss, agg_weights and compute_policy_loss still work
     pass
 else:
-    register()  # alpha = 1; register(alpha=...) replaces it
+    for _policy in POLICY_LOSSES:  # "delta-l", "delta-l-gspo", "delta-l-cispo", alpha = 1; register(...) replaces one
+        register(policy=_policy)
