@@ -361,10 +361,13 @@ def test_entropy_bonus_is_weighted_like_the_policy_term(pair):
     torch.testing.assert_close(bonus - base, expected, rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
 @pytest.mark.parametrize("steps_per_generation", [GA, 2 * GA])
-def test_delta_l_is_trl_dr_grpo_with_rescaled_advantages(model_dir, tmp_path, alpha, steps_per_generation):
+def test_delta_l_is_trl_dr_grpo_with_rescaled_advantages(model_dir, tmp_path, alpha, steps_per_generation, level):
+    """(level="sequence": Delta-L with GSPO's ratio, through TRL's sequence-level dr_grpo.)"""
     trl_trainer, ours = make_pair(model_dir, tmp_path, 0.0)
+    trl_trainer.importance_sampling_level = ours.importance_sampling_level = level
     # a generation batch spanning one optimizer step, or two (then each step weighs its half twice)
     ours.args.steps_per_generation = steps_per_generation
     ours.loss_type, ours.delta_l_alpha, trl_trainer.loss_type = "delta-l", alpha, "dr_grpo"
