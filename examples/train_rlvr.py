@@ -25,7 +25,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deltal_kernels as dk  # noqa: E402
+from deltal_kernels.bench.runs import run_folder  # noqa: E402
 from tiny_lm import make_batch, make_prompts, packed_loss_inputs, pretrain_base, reward  # noqa: E402
+
+# results go to a git-ignored run folder unless --out says where (examples/results: the committed ones)
+RUN_FOLDERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
 
 # (label, agg, alpha): the aggregations compared; Delta-L alpha=0 is Dr. GRPO exactly
 RUNS = [("GRPO", "grpo", 1.0), ("DAPO", "dapo", 1.0), ("Dr. GRPO", "dr-grpo", 1.0),
@@ -157,21 +161,6 @@ def report(results: dict, out: str, tag: str):
     plt.close(fig)
 
 
-def run_folder(out, tag):
-    """--out when given; else a new folder examples/runs/<UTC time>-<tag>/ (git-ignored): a run never
-    overwrites the committed results in examples/results/ unless asked to (--out examples/results)."""
-    if out is not None:
-        return out
-    from datetime import datetime, timezone
-
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
-    path = os.path.join(root, datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + tag)
-    i = 1
-    while os.path.exists(path + ("" if i == 1 else f"-{i}")):
-        i += 1
-    return path + ("" if i == 1 else f"-{i}")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a short run of one aggregation, for the tests")
@@ -189,7 +178,7 @@ def main(argv=None):
         with open(args.from_json) as f:
             results = json.load(f)
         tag = os.path.splitext(os.path.basename(args.from_json))[0]
-        args.out = run_folder(args.out, tag)
+        args.out = args.out if args.out is not None else str(run_folder(tag, root=RUN_FOLDERS))
         os.makedirs(args.out, exist_ok=True)
         report(results, args.out, tag)
         print(f"results in {args.out}")
@@ -215,7 +204,7 @@ def main(argv=None):
         cfg["prompts_per_step"] = args.prompts_per_step
         tag += f"_p{args.prompts_per_step}"
     tail = max(1, cfg["steps"] // 10)
-    args.out = run_folder(args.out, tag)
+    args.out = args.out if args.out is not None else str(run_folder(tag, root=RUN_FOLDERS))
     os.makedirs(args.out, exist_ok=True)
     results = {"config": dict(cfg, base_steps=base_steps, tail=tail), "seeds": seeds, "runs": []}
     for seed in seeds:

@@ -32,7 +32,11 @@ from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deltal_kernels as dk  # noqa: E402
+from deltal_kernels.bench.runs import run_folder  # noqa: E402
 from tiny_lm import make_batch, make_prompts, packed_loss_inputs, pretrain_base, reward  # noqa: E402
+
+# results go to a git-ignored run folder unless --out says where (examples/results: the committed ones)
+RUN_FOLDERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
 
 # (label, agg, alpha)
 AGGS = [("GRPO", "grpo", 1.0), ("DAPO", "dapo", 1.0), ("Dr. GRPO", "dr-grpo", 1.0),
@@ -317,21 +321,6 @@ def plot(res: dict, path: str):
     plt.close(fig)
 
 
-def run_folder(out, tag):
-    """--out when given; else a new folder examples/runs/<UTC time>-<tag>/ (git-ignored): a run never
-    overwrites the committed results in examples/results/ unless asked to (--out examples/results)."""
-    if out is not None:
-        return out
-    from datetime import datetime, timezone
-
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
-    path = os.path.join(root, datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + tag)
-    i = 1
-    while os.path.exists(path + ("" if i == 1 else f"-{i}")):
-        i += 1
-    return path + ("" if i == 1 else f"-{i}")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for the tests")
@@ -351,7 +340,7 @@ def main(argv=None):
     res["real"] = real_model(seed=args.seed, **real_cfg)
     res["wall_s"] = time.perf_counter() - t0
     tag = ("variance_study_quick" if args.quick else "variance_study") + (f"_seed{args.seed}" if args.seed else "")
-    args.out = run_folder(args.out, tag)
+    args.out = args.out if args.out is not None else str(run_folder(tag, root=RUN_FOLDERS))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump(res, f)

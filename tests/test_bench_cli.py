@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import deltal_kernels as dk
-from deltal_kernels.bench import cli, report
+from deltal_kernels.bench import cli, report, runs
 from deltal_kernels.bench.cases import Case
 from deltal_kernels.bench.cli import main
 from deltal_kernels.bench.targets import evaluate
@@ -77,7 +77,7 @@ def test_default_output_is_a_run_folder_with_progress_and_load_lines(tmp_path, m
     """Without --out the files go to a fresh <runs>/<UTC time>-<tag>/ folder (here $DELTAL_BENCH_RUNS);
     piped output (capsys: not a terminal) has one plain line per finished step, and the load average
     at start and end, with the warning when it is above 1 per core."""
-    monkeypatch.setenv(cli.RUNS_ENV, str(tmp_path / "runs"))
+    monkeypatch.setenv(runs.RUNS_ENV, str(tmp_path / "runs"))
     cores = os.cpu_count() or 1
     monkeypatch.setattr(os, "getloadavg", lambda: (2.0 * cores + 0.5, 1.0, 0.5))
     backend = dk.available_backends("cpu")[0]
@@ -114,14 +114,14 @@ def test_no_load_warning_on_an_idle_machine(monkeypatch):
 
 
 def test_run_folders_are_git_ignored_and_never_reused(tmp_path, monkeypatch):
-    monkeypatch.delenv(cli.RUNS_ENV, raising=False)
-    root = cli.runs_root()
+    monkeypatch.delenv(runs.RUNS_ENV, raising=False)
+    root = runs.runs_root()
     assert root == ROOT / "bench" / "runs"
     ignored = subprocess.run(["git", "check-ignore", "-q", str(root / "20260101T000000Z-cpu")], cwd=ROOT)
     assert ignored.returncode == 0, "bench/runs/ is not in .gitignore"
-    first = cli.run_folder("cpu", root=tmp_path)
+    first = runs.run_folder("cpu", root=tmp_path)
     first.mkdir()
-    second = cli.run_folder("cpu", root=tmp_path)
+    second = runs.run_folder("cpu", root=tmp_path)
     assert second != first and second.parent == tmp_path and not second.exists()
 
 

@@ -12,7 +12,6 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
 
 import torch
 from rich.console import Console
@@ -22,6 +21,7 @@ import deltal_kernels as dk
 from deltal_kernels.dispatch import BACKEND_MODULES, unavailable_reason
 
 from . import baselines, measure, report
+from .runs import RUNS_ENV, run_folder
 from .cases import DTYPES, GRIDS, Case, make_batch
 from .targets import evaluate
 
@@ -34,31 +34,6 @@ MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before "
             "the call minus the gradient",
 }
-
-
-RUNS_ENV = "DELTAL_BENCH_RUNS"
-
-
-def runs_root() -> Path:
-    """Where run folders go: $DELTAL_BENCH_RUNS; else bench/runs/ of the clone the package is imported
-    from (git-ignored); else ./deltal-bench-runs/ (an installed package)."""
-    if os.environ.get(RUNS_ENV):
-        return Path(os.environ[RUNS_ENV])
-    clone = Path(__file__).resolve().parents[2]
-    if (clone / ".git").exists() and (clone / "bench").is_dir():
-        return clone / "bench" / "runs"
-    return Path("deltal-bench-runs")
-
-
-def run_folder(tag: str, root: Optional[Path] = None) -> Path:
-    """A fresh folder <root>/<UTC time>-<tag>/ (not created here); -2, -3... when the name is taken."""
-    root = runs_root() if root is None else root
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path, i = root / f"{stamp}-{tag}", 1
-    while path.exists():
-        i += 1
-        path = root / f"{stamp}-{tag}-{i}"
-    return path
 
 
 def _is_no_cuda_runtime(record: logging.LogRecord) -> bool:
