@@ -173,14 +173,17 @@ def _backward(ctx, d_logp, d_entropy, d_lse, d_loss, d_dlogp, d_kl, d_flags):
         return (None,) * 16
     check_first_order()
     logits, targets, lse, entropy, dlogp = ctx.saved_tensors
-    g = d_loss * dlogp
-    h = d_loss * -ctx.entropy_coef
-    if ctx.inplace:  # the gradient overwrites the logits' own storage: no [N, V] allocation
-        rows_grad_(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
-        grad = logits
-    else:
-        grad = rows_grad(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
+    grad = _logits_grad(ctx, logits, targets, lse, entropy, d_loss * dlogp, d_loss * -ctx.entropy_coef)
     return (None, grad) + (None,) * 14
+
+
+def _logits_grad(ctx, logits, targets, lse, entropy, g, h):
+    """dL/dlogits from the per-row factors, into the logits' own storage when the op was asked to
+    (no [N, V] allocation: their values are gone), else into a new tensor."""
+    if ctx.inplace:
+        rows_grad_(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
+        return logits
+    return rows_grad(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
 
 
 torch.library.register_autograd("deltal_kernels::rows_forward", _backward, setup_context=_setup_context)
@@ -223,12 +226,7 @@ def _stats_backward(ctx, d_logp, d_entropy, d_lse):
     logits, targets, lse, entropy = ctx.saved_tensors
     g = d_logp if d_logp is not None else torch.zeros_like(lse)
     h = d_entropy if d_entropy is not None else torch.zeros_like(lse)
-    if ctx.inplace:
-        rows_grad_(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
-        grad = logits
-    else:
-        grad = rows_grad(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
-    return None, grad, None, None, None, None, None
+    return None, _logits_grad(ctx, logits, targets, lse, entropy, g, h), None, None, None, None, None
 
 
 torch.library.register_autograd("deltal_kernels::rows_stats", _stats_backward, setup_context=_stats_setup_context)
