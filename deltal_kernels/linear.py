@@ -38,9 +38,8 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import describe
 from .dispatch import _load, resolve_backend, weighted_sum
-from .loss import kernel_output
+from .loss import kernel_output, objective_output
 from .output import PolicyLossOutput
-from .reference import objective_terms
 from .validation import LOGITS_DTYPES, prepare
 
 # default byte budget of the [C, V] chunk buffer, per device type
@@ -435,9 +434,7 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
         else:
             with torch.no_grad():
                 logp, entropy, _ = _LinearStatsFn.apply(hidden, weight, bias, prep)
-        loss, metrics = objective_terms(logp, entropy if b.need_entropy else None, b)
-        return PolicyLossOutput(loss=loss, logprobs=logp.detach(),
-                                entropy=entropy.detach() if b.need_entropy else None, metrics=metrics)
+        return objective_output(b, logp, entropy)
     if any(need):
         loss, logp, entropy, kl, flags = _LinearPolicyLossFn.apply(hidden, weight, bias, prep)
     else:

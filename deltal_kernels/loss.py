@@ -41,9 +41,7 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
         # and dL/dH_t), then the gradient kernel: the two-pass schedule
         logp, entropy, _ = rows_stats(name, b.logits, b.targets, b.scored, p.temperature, b.need_entropy,
                                       inplace_backward)
-        loss, metrics = objective_terms(logp, entropy if b.need_entropy else None, b)
-        return PolicyLossOutput(loss=loss, logprobs=logp.detach(),
-                                entropy=entropy.detach() if b.need_entropy else None, metrics=metrics)
+        return objective_output(b, logp, entropy)
     if (logits.requires_grad and torch.is_grad_enabled() and not inplace_backward and has_fused_gradient(name)
             and not torch.compiler.is_compiling()):
         # the forward launch writes the gradient too: one read of the logits fewer. (Under torch.compile
@@ -72,6 +70,14 @@ def kernel_output(b, loss, logp, entropy, kl, flags) -> PolicyLossOutput:
         kl=kl if b.ref_logprobs is not None else None,
         entropy=entropy if b.need_entropy else None,
     )
+    return PolicyLossOutput(loss=loss, logprobs=logp.detach(), entropy=entropy.detach() if b.need_entropy else None,
+                            metrics=metrics)
+
+
+def objective_output(b, logp, entropy) -> PolicyLossOutput:
+    """The result from the statistics op's differentiable logp_t and H_t: the objective as [N]-sized
+    torch ops (``reference.objective_terms``), for the objectives beyond per-token PPO."""
+    loss, metrics = objective_terms(logp, entropy if b.need_entropy else None, b)
     return PolicyLossOutput(loss=loss, logprobs=logp.detach(), entropy=entropy.detach() if b.need_entropy else None,
                             metrics=metrics)
 
