@@ -160,7 +160,7 @@ def check_objective(*, ratio_level, objective, rollout_logprobs, rollout_correct
                      kl_entropy_agg if kl_entropy_weights is None else "weights")
 
 
-def check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights) -> None:
+def check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights, kl_entropy_weights) -> None:
     """The checks that read the tensors' values (SPEC section 3). Each costs a host sync, and under
     torch.compile they would break the graph: ``prepare`` runs them eagerly only, and
     ``deltal_kernels.validate`` runs them on demand (once, eagerly, before a compiled loop)."""
@@ -177,8 +177,9 @@ def check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights) -> N
         raise ValueError("advantages: contain NaN or inf")
     if loss_mask is not None and loss_mask.dtype != torch.bool and not bool(((loss_mask == 0) | (loss_mask == 1)).all()):
         raise ValueError("loss_mask: values must be 0 or 1")
-    if weights is not None and not bool(weights.isfinite().all()):
-        raise ValueError("weights: contain NaN or inf")
+    for name, w in (("weights", weights), ("kl_entropy_weights", kl_entropy_weights)):
+        if w is not None and not bool(w.isfinite().all()):
+            raise ValueError(f"{name}: contain NaN or inf")
 
 
 def safe_offsets(cu_seqlens: torch.Tensor, N: int) -> torch.Tensor:
@@ -242,9 +243,7 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
 
     # value checks need the data; under torch.compile they would break the graph, so they run eagerly only
     if not torch.compiler.is_compiling():
-        check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights)
-        if kl_entropy_weights is not None and not bool(kl_entropy_weights.isfinite().all()):
-            raise ValueError("kl_entropy_weights: contain NaN or inf")
+        check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights, kl_entropy_weights)
     cu_seqlens = safe_offsets(cu_seqlens, N)
 
     cd = compute_dtype(logits)
