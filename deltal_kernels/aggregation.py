@@ -79,18 +79,18 @@ def sequence_weights(lengths: torch.Tensor, agg: str = "delta-l", *, alpha: floa
         if not torch.compiler.is_compiling() and bool((rollout_lengths < 0).any()):
             raise ValueError("rollout_lengths: expected non-negative lengths")
 
+    def inverse_powers(L):  # L_i^-alpha, 0 where L_i = 0
+        return torch.where(L > 0, L.clamp(min=1).pow(-alpha), torch.zeros_like(L))
+
     L = lengths.to(torch.float64)
     live = L > 0
     L_safe = torch.where(live, L, torch.ones_like(L))
-    inv_pow = torch.where(live, L_safe.pow(-alpha), torch.zeros_like(L))
-
-    def statistics(L):  # sum_j L_j^-alpha, sum_j L_j and G over the sequences with L_j > 0
-        return torch.stack([torch.where(L > 0, L.clamp(min=1).pow(-alpha), torch.zeros_like(L)).sum(), L.sum(),
-                            (L > 0).sum().to(torch.float64)])
-
-    # the normaliser statistics (and B_k for the rollout scope), all-reduced together as one tensor
-    stats = statistics(L if rollout_lengths is None else rollout_lengths.to(torch.float64))
-    stats = torch.cat([stats, live.sum().to(torch.float64)[None]])
+    inv_pow = inverse_powers(L)
+    # the normaliser statistics sum_j L_j^-alpha, sum_j L_j, G over the batch they are taken over (the
+    # rollout batch R when given), and B_k (this batch's G, for the rollout scope), all-reduced as one tensor
+    R = L if rollout_lengths is None else rollout_lengths.to(torch.float64)
+    stats = torch.stack([inverse_powers(R).sum(), R.sum(), (R > 0).sum().to(torch.float64),
+                         live.sum().to(torch.float64)])
     world = 1
     if group is not None:
         import torch.distributed as dist
