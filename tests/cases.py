@@ -76,6 +76,30 @@ def run(fn, batch, loss_scale=None, **options):
     return out, (torch.zeros_like(logits) if grad is None else grad)
 
 
+def largest(x) -> float:
+    """The largest magnitude among x's finite values (0 when there is none)."""
+    x = x.detach()[x.detach().isfinite()]
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def assert_outputs_close(out, ref_out, f32, label, equal_nan=False):
+    """A PolicyLossOutput's loss, logprobs, entropy and metrics against the float64 reference's, each
+    within the float32 bound f32 (relative, and absolute scaled by the quantity's size)."""
+    def close(name, got, want, scale):
+        torch.testing.assert_close(got.detach().double().cpu(), want.detach(), rtol=f32, atol=f32 * scale,
+                                   equal_nan=equal_nan, msg=lambda m: f"{name} ({label}): {m}")
+
+    lp_scale = max(1.0, largest(ref_out.logprobs))
+    close("loss", out.loss.detach(), ref_out.loss, max(1.0, largest(ref_out.loss)))
+    close("logprobs", out.logprobs, ref_out.logprobs, lp_scale)
+    assert (out.entropy is None) == (ref_out.entropy is None)
+    if out.entropy is not None:
+        close("entropy", out.entropy, ref_out.entropy, lp_scale)
+    assert out.metrics.keys() == ref_out.metrics.keys()
+    for name, value in ref_out.metrics.items():
+        close(f"metric {name}", out.metrics[name], value, lp_scale)
+
+
 def assert_matches_reference(batch, backend, equal_nan=False, **options):
     """The backend's loss, logprobs, entropy, metrics and logits gradient against the float64 reference.
 
@@ -96,23 +120,7 @@ def assert_matches_reference(batch, backend, equal_nan=False, **options):
     zmax = float(finite.abs().max()) / options.get("temperature", 1.0) if finite.numel() else 0.0
     f32 = 1e-5 + 4 * 2.0**-24 * zmax
 
-    def close(name, got, want, scale):
-        torch.testing.assert_close(got.detach().double().cpu(), want.detach(), rtol=f32, atol=f32 * scale,
-                                   equal_nan=equal_nan, msg=lambda m: f"{name} ({backend}, {dtype}): {m}")
-
-    def largest(x):  # of the finite values
-        x = x.detach()[x.detach().isfinite()]
-        return float(x.abs().max()) if x.numel() else 0.0
-
-    lp_scale = max(1.0, largest(ref_out.logprobs))
-    close("loss", out.loss.detach(), ref_out.loss, max(1.0, largest(ref_out.loss)))
-    close("logprobs", out.logprobs, ref_out.logprobs, lp_scale)
-    assert (out.entropy is None) == (ref_out.entropy is None)
-    if out.entropy is not None:
-        close("entropy", out.entropy, ref_out.entropy, lp_scale)
-    assert out.metrics.keys() == ref_out.metrics.keys()
-    for name, value in ref_out.metrics.items():
-        close(f"metric {name}", out.metrics[name], value, lp_scale)
+    assert_outputs_close(out, ref_out, f32, f"{backend}, {dtype}", equal_nan=equal_nan)
     gmax = largest(ref_grad)
     torch.testing.assert_close(grad.double().cpu(), ref_grad, rtol=ROUNDING[dtype] + f32,
                                atol=SMALLEST[dtype] + f32 * gmax, equal_nan=equal_nan,

@@ -14,7 +14,7 @@ import deltal_kernels as dk
 from deltal_kernels.bench.measure import _cpu_peak_bytes
 from deltal_kernels.dispatch import unavailable_reason
 
-from cases import BACKENDS, ROUNDING, SMALLEST, backend_device, make_batch
+from cases import BACKENDS, ROUNDING, SMALLEST, assert_outputs_close, backend_device, make_batch
 
 LENGTHS = [0, 5, 1, 0, 9, 3, 0]
 V, H = 300, 24
@@ -96,19 +96,7 @@ def assert_matches(batch, params, backend, **options):
     # the row terms are float32 arithmetic on the same logits: the float32 bound of tests/cases.py
     f32 = 1e-5 + 4 * 2.0**-24 * zmax / options.get("temperature", 1.0)
 
-    def close(name, got, want, scale):
-        torch.testing.assert_close(got.detach().double().cpu(), want.detach(), rtol=f32, atol=f32 * scale,
-                                   msg=lambda m: f"{name} ({backend}, {dtype}): {m}")
-
-    lp_scale = max(1.0, float(ref.logprobs.abs().max())) if ref.logprobs.numel() else 1.0
-    close("loss", out.loss, ref.loss, max(1.0, float(ref.loss.detach().abs())))
-    close("logprobs", out.logprobs, ref.logprobs, lp_scale)
-    assert (out.entropy is None) == (ref.entropy is None)
-    if out.entropy is not None:
-        close("entropy", out.entropy, ref.entropy, lp_scale)
-    assert out.metrics.keys() == ref.metrics.keys()
-    for name, value in ref.metrics.items():
-        close(f"metric {name}", out.metrics[name], value, lp_scale)
+    assert_outputs_close(out, ref, f32, f"{backend}, {dtype}")
     # gradients: at most three roundings to the input dtype on the way, each bounded by the dtype's unit
     # roundoff times the sum of |terms|: dL/dlogits stored in the chunk, a half-precision product of a
     # chunk (weight: V-blocks before the float32 accumulator), the result stored; plus float32
