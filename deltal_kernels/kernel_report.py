@@ -32,7 +32,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SOURCE = ROOT / "csrc" / "cuda" / "rows_cuda.cu"

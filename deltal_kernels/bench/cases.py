@@ -19,6 +19,12 @@ LOSS_OPTIONS = dict(agg="delta-l", alpha=1.0, clip_low=0.2, clip_high=0.28, kl_c
                     temperature=1.0)
 
 
+def max_len_for(N: int) -> int:
+    """M of a benchmark batch of N rows: the rollout's maximum response length grows with the batch,
+    up to the paper's 8192."""
+    return max(64, min(8192, N // 4))
+
+
 @dataclass(frozen=True)
 class Case:
     N: int  # rows (tokens) in the packed batch
@@ -31,8 +37,7 @@ class Case:
 
     @property
     def max_len(self) -> int:
-        # the rollout's maximum response length grows with the batch, up to the paper's 8192
-        return max(64, min(8192, self.N // 4))
+        return max_len_for(self.N)
 
     @property
     def label(self) -> str:

@@ -31,7 +31,6 @@ import os
 import platform
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -39,7 +38,7 @@ import torch
 import deltal_kernels as dk
 
 from . import measure
-from .cases import DTYPES, LOSS_OPTIONS, Batch, rollout_lengths
+from .cases import DTYPES, LOSS_OPTIONS, Batch, max_len_for, rollout_lengths
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class LinearCase:
 
     @property
     def max_len(self) -> int:
-        return max(64, min(8192, self.N // 4))
+        return max_len_for(self.N)
 
     @property
     def label(self) -> str:
