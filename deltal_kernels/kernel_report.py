@@ -353,13 +353,18 @@ def cuda_reports(arch: str = "sm_90", source: str = "auto") -> List[KernelReport
     reports = []
     for mangled, instrs in funcs.items():
         pretty = names.get(mangled, mangled)
-        m = re.search(r"cuda::(\w+)<([\w:]+), (\d+)", pretty)
+        # kernel<dtype, threads per row> (one block or warp per row) or cluster_...<dtype> (a row per cluster)
+        m = re.search(r"cuda::(\w+)<([\w:]+)(?:, (\d+))?>", pretty)
         if not m or m.group(2) not in _CUDA_DTYPES:
             continue
-        kernel, dtype, group = m.group(1), _CUDA_DTYPES[m.group(2)], int(m.group(3))
-        variant = "block per row" if group > 32 else "warp per row"
+        kernel, dtype = m.group(1), _CUDA_DTYPES[m.group(2)]
+        if m.group(3) is None:
+            variant = "cluster per row"
+        else:
+            variant = "block per row" if int(m.group(3)) > 32 else "warp per row"
         reports += report_function("cuda", kernel, dtype, instrs, res.get(mangled, {}), variant)
-    order = {"forward_kernel": 0, "grad_kernel": 1, "forward_grad_kernel": 2}
+    order = {"forward_kernel": 0, "grad_kernel": 1, "forward_grad_kernel": 2, "cluster_forward_kernel": 3,
+             "cluster_forward_grad_kernel": 4}
     reports.sort(key=lambda r: (order.get(r.kernel, 9), r.variant, list(BUDGET).index(r.dtype), r.loop))
     return reports
 

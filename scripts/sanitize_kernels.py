@@ -13,6 +13,9 @@ boundaries), it launches:
 - unaligned: logits starting one element past a 16-byte boundary (a view into a larger buffer):
   the fused kernel, and the gradient kernel with the logits and the output at different alignments.
 
+The CUDA block path (V > 4096) runs once per --clusters setting (DELTAL_KERNELS_CUDA_CLUSTER: auto,
+which is one block per row at these V, and clusters of 2 and 16 blocks per row on sm_90 and newer).
+
 Batches have unscored rows, an empty sequence, KL (k3), entropy, dual clip and a temperature, so
 every branch of the row epilogue runs. Each result is checked to be finite; the sanitizer reports
 the memory and synchronisation errors. Exit status: 0 when every variant ran, 1 otherwise.
@@ -39,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--V", type=int, nargs="+", default=[1001, 4096, 8193, 32000],
                    help="vocabulary sizes (<= 4096: a warp per row in the CUDA kernels, above: a block)")
     p.add_argument("--rows", type=int, default=40, help="rows per batch (default 40)")
+    p.add_argument("--clusters", nargs="+", default=["auto", "2", "16"],
+                   help="DELTAL_KERNELS_CUDA_CLUSTER settings for the CUDA block path (default: auto 2 16; "
+                        "sizes above 1 need compute capability 9.0)")
     p.add_argument("--quick", action="store_true", help="one dtype (bfloat16) and two V (1001, 8193)")
     return p.parse_args(argv)
 
@@ -156,6 +162,13 @@ def main(argv=None) -> int:
                 ("fused in place", fused_in_place), ("unaligned fused", unaligned_fused),
                 ("unaligned grad", lambda: grad_direct(1))]
 
+    def cluster_settings(backend, V):
+        if backend != "cuda" or V <= 4096:
+            return ["auto"]
+        if torch.cuda.get_device_capability(device)[0] < 9:
+            return [c for c in args.clusters if c in ("auto", "1")]
+        return args.clusters
+
     start = time.time()
     for backend in backends:
         reason = unavailable_reason(backend, device)
@@ -165,9 +178,11 @@ def main(argv=None) -> int:
             continue
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
-            for V in args.V:
+            for V, cluster in ((V, c) for V in args.V for c in cluster_settings(backend, V)):
+                os.environ["DELTAL_KERNELS_CUDA_CLUSTER"] = cluster
+                path = "warp" if V <= 4096 else ("block" if cluster in ("auto", "1") else f"cluster of {cluster}")
                 for name, fn in variants(backend, V, dtype):
-                    label = f"{backend} {dtype_name} V={V} {'warp' if V <= 4096 else 'block'} {name}"
+                    label = f"{backend} {dtype_name} V={V} {path} {name}"
                     try:
                         fn()
                         if device.type == "cuda":

@@ -83,7 +83,7 @@ def _report(backend):
 
 @pytest.mark.slow
 def test_cuda_streaming_loops_within_budget():
-    """Every CUDA kernel (forward, gradient, fused; fp32/fp16/bf16; warp and block per row)."""
+    """Every CUDA kernel (forward, gradient, fused; fp32/fp16/bf16; warp, block and cluster per row)."""
     reports = _report("cuda")
     kernels = {(r["kernel"], r["dtype"], r["variant"], r["loop"]) for r in reports}
     for dtype in ("fp32", "fp16", "bf16"):
@@ -92,6 +92,10 @@ def test_cuda_streaming_loops_within_budget():
             assert ("grad_kernel", dtype, variant, "gradient") in kernels
             assert ("forward_grad_kernel", dtype, variant, "forward") in kernels
             assert ("forward_grad_kernel", dtype, variant, "gradient") in kernels
+        # sm_90's one-read schedule for large V: a row per thread-block cluster
+        assert ("cluster_forward_kernel", dtype, "cluster per row", "forward") in kernels
+        assert ("cluster_forward_grad_kernel", dtype, "cluster per row", "forward") in kernels
+        assert ("cluster_forward_grad_kernel", dtype, "cluster per row", "gradient") in kernels
     for r in reports:
         assert r["spills"] == 0, r
         assert r["loads_in_flight"] == r["loads128"], r

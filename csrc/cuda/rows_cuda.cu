@@ -29,11 +29,13 @@
 #include <c10/util/Half.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -545,6 +547,157 @@ __global__ void __launch_bounds__(kBlock, 1) forward_grad_kernel(const FusedPoin
   }
 }
 
+// ---- Rows split over a thread-block cluster (sm_90): the one-read schedule for large V ----
+//
+// A cluster of C blocks (CTAs) takes one row at a time; block r of the cluster reduces slice r of it
+// (row_slice) and sends its statistics, with the target logit when its slice holds the target, into
+// every block's shared memory (distributed shared memory: st.async, counted by the receiver's
+// transaction barrier, so no block waits on a cluster-wide barrier or a GPU-scope fence per row).
+// Each block then merges the C slices in rank order: the same bits in every block, no atomics. The
+// fused kernel re-reads its own slice for the gradient: a slice is V / C values, so the rows in flight
+// (one per cluster) stay within a quarter of the L2 where one block per row cannot (README:
+// performance model). The forward kernel slices rows the same way, so fused and separate results stay
+// bitwise equal. The host launches these kernels only on sm_90 and newer.
+constexpr int kMaxCluster = 16;  // the largest (non-portable) cluster of an H100/H200
+
+// The part [begin, end) of a row of V values that block `rank` of a cluster of C reduces: the row's
+// whole 16-byte packets split evenly (the unaligned head goes to rank 0, the tail to rank C - 1).
+struct Slice {
+  int64_t begin;
+  int64_t end;
+};
+
+template <typename T>
+__device__ __forceinline__ Slice row_slice(const T* x, int64_t V, int rank, int C) {
+  constexpr int VEC = Packet<T>::N;
+  const int64_t head = head_count<T>(x, V);
+  const int64_t nvec = (V - head) / VEC;
+  return {rank == 0 ? 0 : head + nvec * rank / C * VEC, rank == C - 1 ? V : head + nvec * (rank + 1) / C * VEC};
+}
+
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Transaction barriers (mbarrier) in this block's shared memory: one arrival (this block's, which also
+// announces the bytes to expect) plus the bytes the cluster's st.async stores deliver complete a phase.
+__device__ __forceinline__ void tx_barrier_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_address(bar)) : "memory");
+}
+
+__device__ __forceinline__ void tx_barrier_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void tx_barrier_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n\t.reg .pred done;\n"
+      "WAIT:\n\t"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
+      "@!done bra WAIT;\n\t}" ::"r"(smem_address(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// 16 bytes into block `rank`'s copy of `*dst` (a shared variable), counted on its copy of `*bar`
+__device__ __forceinline__ void send16(float4* dst, uint64_t* bar, int rank, const float4& v) {
+  uint32_t d, b;
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(smem_address(dst)), "r"(rank));
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(b) : "r"(smem_address(bar)), "r"(rank));
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];" ::"r"(d),
+               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(b)
+               : "memory");
+}
+
+// Both cluster kernels: GRAD adds the fused kernel's gradient pass (as forward_grad_kernel does).
+template <typename T, bool GRAD>
+__device__ __forceinline__ void cluster_rows(const FusedPointers& f) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  __shared__ ReduceSmem smem;
+  // What the cluster's blocks send for a row, by rank: the slice's statistics (mk, s, t) and its target
+  // logit (0 when the target is elsewhere). Two buffers, each with its barrier, alternate by row: a
+  // block that runs ahead sends row k + 1's while slower blocks still read row k's, and it cannot get
+  // to row k + 2 (the other buffer again) before every block has sent row k + 1's, i.e. has read row k's.
+  __shared__ float4 parts[2][kMaxCluster];
+  __shared__ uint64_t arrived[2];
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int C = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const ForwardPointers& a = f.fwd;
+  const int tid = threadIdx.x;
+  const int64_t V = a.V;
+  const int64_t clusters = gridDim.x / C;
+  if (tid == 0) {
+    tx_barrier_init(&arrived[0]);
+    tx_barrier_init(&arrived[1]);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  cluster.sync();  // every block's barriers exist before any block sends
+  uint32_t exchanges = 0;
+  // every block of a cluster takes the same rows, and the skip of unscored rows and the huge-logit
+  // path are uniform over it: the exchanges and cluster barriers match
+  for (int64_t row = blockIdx.x / C; row < a.N; row += clusters) {
+    const T* x = static_cast<const T*>(a.logits) + row * V;
+    T* out = static_cast<T*>(f.out) + row * V;
+    const Slice sl = row_slice<T>(x, V, rank, C);
+    if (!a.scored[row]) {
+      if (rank == 0 && tid == 0) store_unscored_row(a, row);
+      if constexpr (GRAD) {
+        grad_row<T, kBlock, Load::kLast>(x + sl.begin, out + sl.begin, sl.end - sl.begin, 0, 0.0f, 0.0f, 0.0f, 0.0f,
+                                         0.0f, a.inv_tau, tid);
+      }
+      continue;
+    }
+    const int buf = exchanges & 1;
+    const uint32_t parity = (exchanges >> 1) & 1;
+    ++exchanges;
+    if (tid == 0) tx_barrier_expect(&arrived[buf], C * sizeof(float4));
+    // x[y] is read by the block whose slice holds it, before its row reduction's barriers, so before
+    // any thread of that block stores the gradient over it (out may be the logits); the others get it
+    // with the statistics
+    const int64_t y = a.targets[row];
+    const bool mine = y >= sl.begin && y < sl.end;
+    const float xy_mine = mine ? static_cast<float>(x[y]) : 0.0f;
+    const Log2Stats part = row_stats<T, kBlock, GRAD ? Load::kKeep : Load::kReadOnly>(
+        x + sl.begin, sl.end - sl.begin, a.inv_tau, tid, smem);
+    if (tid < C) send16(&parts[buf][rank], &arrived[buf], tid, make_float4(part.mk, part.s, part.t, xy_mine));
+    tx_barrier_wait(&arrived[buf], parity);
+    float4 p = parts[buf][0];
+    Log2Stats st{p.x, p.y, p.z};
+    float xy = y >= 0 && y < row_slice<T>(x, V, 0, C).end ? p.w : NAN;  // NaN: a target out of range
+    for (int r = 1; r < C; ++r) {  // rank order
+      p = parts[buf][r];
+      st = log2_merge(st, Log2Stats{p.x, p.y, p.z});
+      const Slice other = row_slice<T>(x, V, r, C);
+      if (y >= other.begin && y < other.end) xy = p.w;
+    }
+    // rows of huge logits: every block reduces the whole row on the accurate path (never for a trained
+    // model's logits), and all finish reading it before any block stores over it
+    const RowResult res = row_result<T, kBlock>(a, row, x, st, xy, tid, smem);
+    if (rank == 0 && tid == 0) store_row(a, row, res);
+    if constexpr (GRAD) {
+      if (fabsf(st.mk) >= kHugeLog2) cluster.sync();
+      const GradFactors gh = fused_grad_factors(f, row, res);
+      grad_row<T, kBlock, Load::kLast>(x + sl.begin, out + sl.begin, sl.end - sl.begin, y - sl.begin, xy, res.lse,
+                                       res.entropy, gh.g, gh.h, a.inv_tau, tid);
+    }
+  }
+  cluster.sync();  // no block leaves while another may still send into its shared memory
+#endif
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock, 2) cluster_forward_kernel(const FusedPointers f) {
+  cluster_rows<T, false>(f);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock, 2) cluster_forward_grad_kernel(const FusedPointers f) {
+  cluster_rows<T, true>(f);
+}
+
 // Enough blocks to fill the device (resident blocks per SM x SMs), no more than the rows need;
 // the kernels loop over the remaining rows. The occupancy query runs once per kernel and device.
 constexpr int kMaxDevices = 64;
@@ -568,20 +721,29 @@ int64_t grid_size(Kernel kernel, int64_t N, int rows_per_block) {
   return std::max<int64_t>(1, std::min<int64_t>(needed, blocks));
 }
 
-// Blocks of the fused kernel (README: the schedule): at most the resident blocks (grid_size; no second
-// wave, whose rows would start after the first wave's lines were evicted), and the rows in flight (one
-// per block, block per row) within a quarter of the L2, but never fewer than one block per SM: e.g.
-// V = 32000 bf16 on an H100 (50 MB L2): 195 blocks, 12.5 MB in flight; V = 151936 bf16: 132 blocks,
-// 40 MB in flight (over the quarter: the gradient pass's hits then rest on the evict_last/evict_first
-// hints; a cluster of blocks per row would bring it under, see the README).
-int64_t l2_bounded_blocks(int64_t blocks, int rows_per_block, int64_t row_bytes) {
-  int device = 0, l2 = 0, sms = 0;
+struct DeviceFacts {
+  int sms;
+  int64_t l2_bytes;
+  int major;  // compute capability
+};
+
+DeviceFacts current_device_facts() {
+  int device = 0, sms = 0, l2 = 0, major = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t l2_bytes = l2 > 0 ? l2 : (int64_t{40} << 20);
-  const int64_t fit = (l2_bytes / 4) / std::max<int64_t>(1, row_bytes * rows_per_block);
-  return std::max<int64_t>(1, std::min<int64_t>(blocks, std::max<int64_t>(sms, fit)));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return {std::max(sms, 1), l2 > 0 ? l2 : (int64_t{40} << 20), major};
+}
+
+// Launch units (blocks, or clusters) of a fused kernel (README: the schedule): at most the resident
+// ones (no second wave, whose rows would start after the first wave's lines were evicted), and the
+// rows in flight within a quarter of the L2, but never fewer than one block per SM (min_units). Block
+// per row, e.g.: V = 32000 bf16 on an H100 (50 MB L2): 195 blocks, 12.5 MB in flight; V = 151936
+// bf16 would be 132 blocks and 40 MB in flight, which is why rows that large take a cluster each.
+int64_t l2_bounded_units(int64_t units, int64_t unit_row_bytes, int64_t min_units) {
+  const int64_t fit = (current_device_facts().l2_bytes / 4) / std::max<int64_t>(1, unit_row_bytes);
+  return std::max<int64_t>(1, std::min<int64_t>(units, std::max<int64_t>(min_units, fit)));
 }
 
 template <typename T, int GROUP>
@@ -611,15 +773,117 @@ template <typename T, int GROUP>
 void launch_forward_grad(const FusedPointers& f) {
   auto kernel = forward_grad_kernel<T, GROUP>;
   constexpr int rows = kBlock / GROUP;
-  const int64_t grid = l2_bounded_blocks(grid_size<FusedTag<T, GROUP>>(kernel, f.fwd.N, rows), rows,
-                                         f.fwd.V * static_cast<int64_t>(sizeof(T)));
+  const int64_t grid = l2_bounded_units(grid_size<FusedTag<T, GROUP>>(kernel, f.fwd.N, rows),
+                                        rows * f.fwd.V * static_cast<int64_t>(sizeof(T)), current_device_facts().sms);
   kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---- The cluster schedule on the host ----
+
+// DELTAL_KERNELS_CUDA_CLUSTER: "auto" (or unset), or the blocks per row to use on sm_90 and newer for
+// rows above kSmallV, "1" (one block per row, the kernels above), "2", "4", "8" or "16".
+int cluster_setting() {
+  const char* env = std::getenv("DELTAL_KERNELS_CUDA_CLUSTER");
+  if (env == nullptr || env[0] == '\0' || std::string(env) == "auto") return 0;
+  const std::string v(env);
+  for (int c = 1; c <= kMaxCluster; c *= 2) {
+    if (v == std::to_string(c)) return c;
+  }
+  TORCH_CHECK_VALUE(false, "DELTAL_KERNELS_CUDA_CLUSTER: expected auto, 1, 2, 4, 8 or 16, got '", v, "'");
+}
+
+template <typename Kernel>
+cudaLaunchConfig_t cluster_config(Kernel kernel, int64_t clusters, int C, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * C));
+  cfg.blockDim = dim3(kBlock);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = c10::cuda::getCurrentCUDAStream();
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = static_cast<unsigned>(C);
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Clusters of C blocks of one of the two cluster kernels resident at once on the current device
+// (0: none fit). Queried once per kernel, device and C.
+template <typename T, bool GRAD>
+int resident_clusters(int C) {
+  static std::atomic<int> cache[kMaxDevices][5];  // by log2 C; 0: not queried, -1: none fit
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int log2c = 0;
+  while ((1 << log2c) < C) ++log2c;
+  int n = device < kMaxDevices ? cache[device][log2c].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    auto kernel = GRAD ? cluster_forward_grad_kernel<T> : cluster_forward_kernel<T>;
+    // (kept by the function on this device: the launches below need it too)
+    if (C > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_config(kernel, 1, C, &attr);
+    int clusters = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    n = clusters > 0 ? clusters : -1;
+    if (device < kMaxDevices) cache[device][log2c].store(n, std::memory_order_relaxed);
+  }
+  return std::max(n, 0);
+}
+
+// The blocks per row (1, or the cluster size) for rows of V values of T on the current device, the
+// same for the forward and the fused kernel, so that their results are bitwise equal. Auto: 1 while one
+// block per SM keeps the rows in flight within a quarter of the L2; above, the smallest C for which
+// two blocks per SM do (V = 151936 bf16 on an H100 or H200: 8; V = 262144 bf16: 16), lowered while
+// either cluster kernel cannot be resident with it.
+template <typename T>
+int blocks_per_row(int64_t V) {
+  if (V <= kSmallV) return 1;
+  const int setting = cluster_setting();
+  if (setting == 1) return 1;
+  const DeviceFacts d = current_device_facts();
+  if (d.major < 9) {
+    TORCH_CHECK(setting == 0, "DELTAL_KERNELS_CUDA_CLUSTER=", setting,
+                ": thread-block clusters need compute capability 9.0 or newer (this GPU: ", d.major, ".x)");
+    return 1;
+  }
+  int C = setting;
+  if (C == 0) {
+    const int64_t row_bytes = V * static_cast<int64_t>(sizeof(T));
+    const int64_t budget = d.l2_bytes / 4;
+    if (d.sms * row_bytes <= budget) return 1;
+    C = 2;
+    while (C < kMaxCluster && 2 * d.sms * row_bytes > budget * C) C *= 2;
+  }
+  while (C > 1 && (resident_clusters<T, false>(C) == 0 || resident_clusters<T, true>(C) == 0)) C /= 2;
+  TORCH_CHECK(setting == 0 || C == setting, "DELTAL_KERNELS_CUDA_CLUSTER=", setting,
+              ": clusters of that size cannot be resident on this GPU");
+  return C;
+}
+
+// Cluster kernel launch: forward only (every resident cluster) or fused (the rows in flight, one per
+// cluster, within a quarter of the L2, but at least one block per SM).
+template <typename T, bool GRAD>
+void launch_cluster(const FusedPointers& f, int C) {
+  auto kernel = GRAD ? cluster_forward_grad_kernel<T> : cluster_forward_kernel<T>;
+  int64_t clusters = std::min<int64_t>(f.fwd.N, resident_clusters<T, GRAD>(C));
+  if constexpr (GRAD) {
+    const int sms = current_device_facts().sms;
+    clusters = l2_bounded_units(clusters, f.fwd.V * static_cast<int64_t>(sizeof(T)), (sms + C - 1) / C);
+  }
+  clusters = std::max<int64_t>(clusters, 1);
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(kernel, clusters, C, &attr);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, f));
+}
+
 template <typename T>
 void forward_dtype(const ForwardPointers& a) {
-  if (a.V <= kSmallV) {
+  if (const int C = blocks_per_row<T>(a.V); C > 1) {
+    launch_cluster<T, false>(FusedPointers{a, nullptr, nullptr, 1.0f}, C);
+  } else if (a.V <= kSmallV) {
     launch_forward<T, kWarp>(a);
   } else {
     launch_forward<T, kBlock>(a);
@@ -637,7 +901,9 @@ void grad_dtype(const GradPointers& a) {
 
 template <typename T>
 void forward_grad_dtype(const FusedPointers& f) {
-  if (f.fwd.V <= kSmallV) {
+  if (const int C = blocks_per_row<T>(f.fwd.V); C > 1) {
+    launch_cluster<T, true>(f, C);
+  } else if (f.fwd.V <= kSmallV) {
     launch_forward_grad<T, kWarp>(f);
   } else {
     launch_forward_grad<T, kBlock>(f);
