@@ -7,10 +7,15 @@ Everything before the profiled launches (allocation, Triton's compilation, a war
 runs outside the profiler's range (torch.cuda.profiler.start/stop = cudaProfilerStart/Stop), so
 only the launches named here are measured. ``--dry-run`` builds the batch on the CPU at a small
 shape and runs nothing on a GPU (the plumbing check).
+
+On sm_90 and newer the cuda launches run twice: with DELTAL_KERNELS_CUDA_CLUSTER=auto (at this V a
+cluster of blocks per row: cluster_forward_kernel, cluster_forward_grad_kernel) and =1 (one block per
+row: forward_kernel, forward_grad_kernel), so the report has both schedules side by side.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -63,15 +68,19 @@ def main(argv=None) -> int:
     if not backends:
         print("ncu_kernels: no backend to profile", flush=True)
         return 1
-    for backend in backends:  # warm-up: compilation, autotuning, occupancy queries
+    clusters = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    runs = [(b, s) for b in backends for s in (("auto", "1") if b == "cuda" and clusters else ("auto",))]
+    for backend, setting in runs:  # warm-up: compilation, autotuning, occupancy queries
+        os.environ["DELTAL_KERNELS_CUDA_CLUSTER"] = setting
         scratch.copy_(logits)
         launches(backend)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
-    for backend in backends:
-        print(f"ncu_kernels: profiled launches of {backend}: forward, fused forward+gradient, forward + "
-              f"gradient in place (N={N}, V={V}, {args.dtype})", flush=True)
+    for backend, setting in runs:
+        os.environ["DELTAL_KERNELS_CUDA_CLUSTER"] = setting
+        print(f"ncu_kernels: profiled launches of {backend} (DELTAL_KERNELS_CUDA_CLUSTER={setting}): forward, "
+              f"fused forward+gradient, forward + gradient in place (N={N}, V={V}, {args.dtype})", flush=True)
         scratch.copy_(logits)  # a copy kernel: not matched by the kernel-name filter of gpu_check.sh
         launches(backend)
     if device.type == "cuda":

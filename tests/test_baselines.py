@@ -5,6 +5,8 @@ speed-up of something that computes the right loss and gradient.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -114,6 +116,27 @@ def test_liger_on_one_sequence():
                 advantages=batch.advantages[:1], cu_seqlens=torch.tensor([0, N], dtype=torch.int32, device="cuda"),
                 loss_mask=mask, max_len=N)
     assert_close(loss_and_grad(baselines.liger_loss, logits, one), reference(logits, one), 1e-5)
+
+
+def _clusters_unavailable():
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    if "cuda" not in dk.available_backends("cuda"):
+        return "needs the extension's CUDA part"
+    if torch.cuda.get_device_capability()[0] < 9:
+        return "thread-block clusters need compute capability 9.0 or newer"
+    return None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_clusters_unavailable() is not None, reason=str(_clusters_unavailable()))
+def test_block_per_row_wrapper(monkeypatch):
+    """cuda without clusters: the reference's loss and gradient, and the caller's setting left as it was."""
+    monkeypatch.setenv(baselines.CLUSTER_SETTING, "16")
+    logits, batch = make_batch(CASE, "cuda", seed=3)
+    assert_close(loss_and_grad(baselines.block_per_row_loss, logits, batch), reference(logits, batch), 1e-5)
+    assert os.environ[baselines.CLUSTER_SETTING] == "16"
+    assert "cuda block-per-row" in [i.name for i in baselines.implementations("cuda")[0]]
 
 
 def test_implementations_cover_every_backend():

@@ -13,9 +13,13 @@ Baselines:
 - ``chunked``: the selective log-softmax of TRL and Unsloth (per chunk of rows: gather minus
   logsumexp, in float32, over every row, masked afterwards) followed by the same per-row loss;
 - ``liger``: Liger-Kernel's Triton GRPO loss (CUDA only, when ``liger-kernel`` is installed).
+
+On sm_90 and newer, ``cuda block-per-row`` is the cuda backend without thread-block clusters: the
+ratio of the two at large V is the cluster schedule's gain, measured side by side.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -29,6 +33,8 @@ from deltal_kernels.validation import compute_dtype, prepare
 from .cases import Batch
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
+
+CLUSTER_SETTING = "DELTAL_KERNELS_CUDA_CLUSTER"
 
 # TRL loops over the rows of one padded sequence at a time; 1024 rows is a typical response length
 CHUNK_ROWS = 1024
@@ -48,6 +54,20 @@ def backend_loss(backend: str, inplace: bool = False) -> LossFn:
     def loss(logits, batch):
         return dk.policy_loss(logits, **batch.kwargs(), backend=backend, inplace_backward=inplace).loss
     return loss
+
+
+def block_per_row_loss(logits, batch):
+    """The cuda backend with one block per row at every V (``DELTAL_KERNELS_CUDA_CLUSTER=1``): the
+    schedule that the cluster schedule replaces for large V on sm_90, timed beside it."""
+    previous = os.environ.get(CLUSTER_SETTING)
+    os.environ[CLUSTER_SETTING] = "1"
+    try:
+        return backend_loss("cuda")(logits, batch)  # (the fused forward launches the gradient too)
+    finally:
+        if previous is None:
+            del os.environ[CLUSTER_SETTING]
+        else:
+            os.environ[CLUSTER_SETTING] = previous
 
 
 def eager_loss(logits, batch):
@@ -139,6 +159,9 @@ def implementations(device) -> Tuple[List[Impl], Dict[str, str]]:
              for name in names]
     if names:
         impls.insert(1, Impl(f"{names[0]} inplace", "backend", lambda: backend_loss(names[0], True), inplace=True))
+    if "cuda" in names and torch.cuda.get_device_capability(device)[0] >= 9:
+        impls.insert(names.index("cuda") + 2, Impl("cuda block-per-row", "backend", lambda: block_per_row_loss,
+                                                   fused=True))
     impls += [Impl("eager", "baseline", lambda: eager_loss),
               Impl("compile", "baseline", compiled_loss, compiles=True),
               Impl("chunked", "baseline", lambda: chunked_loss)]
