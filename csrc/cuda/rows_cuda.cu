@@ -685,6 +685,8 @@ __device__ __forceinline__ void cluster_rows(const FusedPointers& f) {
     }
   }
   cluster.sync();  // no block leaves while another may still send into its shared memory
+#else
+  __trap();  // code for an older GPU (the host never launches it there: cluster_code_built)
 #endif
 }
 
@@ -833,6 +835,25 @@ int resident_clusters(int C) {
   return std::max(n, 0);
 }
 
+// Whether both cluster kernels of T run code compiled for sm_90 or newer on the current device (not,
+// e.g., when the build has only older architectures and the driver compiled their PTX for this GPU).
+template <typename T>
+bool cluster_code_built() {
+  static std::atomic<int> built[kMaxDevices];  // 0: not queried, 1: yes, -1: no
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int known = device < kMaxDevices ? built[device].load(std::memory_order_relaxed) : 0;
+  if (known == 0) {
+    cudaFuncAttributes fwd{}, fused{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&fwd, cluster_forward_kernel<T>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&fused, cluster_forward_grad_kernel<T>));
+    const int version = std::min({fwd.ptxVersion, fused.ptxVersion, fwd.binaryVersion, fused.binaryVersion});
+    known = version >= 90 ? 1 : -1;
+    if (device < kMaxDevices) built[device].store(known, std::memory_order_relaxed);
+  }
+  return known == 1;
+}
+
 // The blocks per row (1, or the cluster size) for rows of V values of T on the current device, the
 // same for the forward and the fused kernel, so that their results are bitwise equal. Auto: 1 while one
 // block per SM keeps the rows in flight within a quarter of the L2; above, the smallest C for which
@@ -847,6 +868,12 @@ int blocks_per_row(int64_t V) {
   if (d.major < 9) {
     TORCH_CHECK(setting == 0, "DELTAL_KERNELS_CUDA_CLUSTER=", setting,
                 ": thread-block clusters need compute capability 9.0 or newer (this GPU: ", d.major, ".x)");
+    return 1;
+  }
+  if (!cluster_code_built<T>()) {
+    TORCH_CHECK(setting == 0, "DELTAL_KERNELS_CUDA_CLUSTER=", setting,
+                ": the extension has no sm_90 (or newer) code for this GPU; rebuild with TORCH_CUDA_ARCH_LIST "
+                "including 9.0");
     return 1;
   }
   int C = setting;
