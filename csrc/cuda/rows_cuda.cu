@@ -550,7 +550,7 @@ __global__ void __launch_bounds__(kBlock, 1) forward_grad_kernel(const FusedPoin
 // ---- Rows split over a thread-block cluster (sm_90): the one-read schedule for large V ----
 //
 // A cluster of C blocks (CTAs) takes one row at a time; block r of the cluster reduces slice r of it
-// (row_slice) and sends its statistics, with the target logit when its slice holds the target, into
+// (RowSplit) and sends its statistics, with the target logit when its slice holds the target, into
 // every block's shared memory (distributed shared memory: st.async, counted by the receiver's
 // transaction barrier, so no block waits on a cluster-wide barrier or a GPU-scope fence per row).
 // Each block then merges the C slices in rank order: the same bits in every block, no atomics. The
@@ -560,20 +560,21 @@ __global__ void __launch_bounds__(kBlock, 1) forward_grad_kernel(const FusedPoin
 // bitwise equal. The host launches these kernels only on sm_90 and newer.
 constexpr int kMaxCluster = 16;  // the largest (non-portable) cluster of an H100/H200
 
-// The part [begin, end) of a row of V values that block `rank` of a cluster of C reduces: the row's
-// whole 16-byte packets split evenly (the unaligned head goes to rank 0, the tail to rank C - 1).
-struct Slice {
-  int64_t begin;
-  int64_t end;
-};
-
+// How a cluster of C = 2^log2c blocks splits a row of V values: block r takes [bound(r), bound(r + 1)),
+// the r-th of C even runs of the row's whole 16-byte packets (the unaligned head goes to block 0, the
+// tail to block C - 1). Shifts, no 64-bit division: the merge evaluates every block's bounds per row.
 template <typename T>
-__device__ __forceinline__ Slice row_slice(const T* x, int64_t V, int rank, int C) {
-  constexpr int VEC = Packet<T>::N;
-  const int64_t head = head_count<T>(x, V);
-  const int64_t nvec = (V - head) / VEC;
-  return {rank == 0 ? 0 : head + nvec * rank / C * VEC, rank == C - 1 ? V : head + nvec * (rank + 1) / C * VEC};
-}
+struct RowSplit {
+  int64_t V, head, nvec;
+  int C, log2c;
+
+  __device__ __forceinline__ RowSplit(const T* x, int64_t V_, int C_)
+      : V(V_), head(head_count<T>(x, V_)), nvec((V_ - head) / Packet<T>::N), C(C_), log2c(__ffs(C_) - 1) {}
+
+  __device__ __forceinline__ int64_t bound(int r) const {
+    return r == 0 ? 0 : (r == C ? V : head + ((nvec * r) >> log2c) * Packet<T>::N);
+  }
+};
 
 __device__ __forceinline__ uint32_t smem_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -641,12 +642,13 @@ __device__ __forceinline__ void cluster_rows(const FusedPointers& f) {
   for (int64_t row = blockIdx.x / C; row < a.N; row += clusters) {
     const T* x = static_cast<const T*>(a.logits) + row * V;
     T* out = static_cast<T*>(f.out) + row * V;
-    const Slice sl = row_slice<T>(x, V, rank, C);
+    const RowSplit<T> split(x, V, C);
+    const int64_t begin = split.bound(rank), len = split.bound(rank + 1) - begin;
     if (!a.scored[row]) {
       if (rank == 0 && tid == 0) store_unscored_row(a, row);
       if constexpr (GRAD) {
-        grad_row<T, kBlock, Load::kLast>(x + sl.begin, out + sl.begin, sl.end - sl.begin, 0, 0.0f, 0.0f, 0.0f, 0.0f,
-                                         0.0f, a.inv_tau, tid);
+        grad_row<T, kBlock, Load::kLast>(x + begin, out + begin, len, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, a.inv_tau,
+                                         tid);
       }
       continue;
     }
@@ -658,21 +660,23 @@ __device__ __forceinline__ void cluster_rows(const FusedPointers& f) {
     // any thread of that block stores the gradient over it (out may be the logits); the others get it
     // with the statistics
     const int64_t y = a.targets[row];
-    const bool mine = y >= sl.begin && y < sl.end;
+    const bool mine = y >= begin && y < begin + len;
     const float xy_mine = mine ? static_cast<float>(x[y]) : 0.0f;
-    const Log2Stats part = row_stats<T, kBlock, GRAD ? Load::kKeep : Load::kReadOnly>(
-        x + sl.begin, sl.end - sl.begin, a.inv_tau, tid, smem);
+    // (its block reduction ends with a barrier: every thread of this block has read the parts of the
+    // previous exchange on this buffer before any of this block's parts leave for the next one)
+    const Log2Stats part =
+        row_stats<T, kBlock, GRAD ? Load::kKeep : Load::kReadOnly>(x + begin, len, a.inv_tau, tid, smem);
     if (tid < C) send16(&parts[buf][rank], &arrived[buf], tid, make_float4(part.mk, part.s, part.t, xy_mine));
+    int owner = 0;  // the block whose slice holds y
+    for (int r = 1; r < C; ++r) owner = y >= split.bound(r) ? r : owner;
     tx_barrier_wait(&arrived[buf], parity);
     float4 p = parts[buf][0];
     Log2Stats st{p.x, p.y, p.z};
-    float xy = y >= 0 && y < row_slice<T>(x, V, 0, C).end ? p.w : NAN;  // NaN: a target out of range
     for (int r = 1; r < C; ++r) {  // rank order
       p = parts[buf][r];
       st = log2_merge(st, Log2Stats{p.x, p.y, p.z});
-      const Slice other = row_slice<T>(x, V, r, C);
-      if (y >= other.begin && y < other.end) xy = p.w;
     }
+    const float xy = y >= 0 && y < V ? parts[buf][owner].w : NAN;  // NaN: a target out of range
     // rows of huge logits: every block reduces the whole row on the accurate path (never for a trained
     // model's logits), and all finish reading it before any block stores over it
     const RowResult res = row_result<T, kBlock>(a, row, x, st, xy, tid, smem);
@@ -680,8 +684,8 @@ __device__ __forceinline__ void cluster_rows(const FusedPointers& f) {
     if constexpr (GRAD) {
       if (fabsf(st.mk) >= kHugeLog2) cluster.sync();
       const GradFactors gh = fused_grad_factors(f, row, res);
-      grad_row<T, kBlock, Load::kLast>(x + sl.begin, out + sl.begin, sl.end - sl.begin, y - sl.begin, xy, res.lse,
-                                       res.entropy, gh.g, gh.h, a.inv_tau, tid);
+      grad_row<T, kBlock, Load::kLast>(x + begin, out + begin, len, y - begin, xy, res.lse, res.entropy, gh.g, gh.h,
+                                       a.inv_tau, tid);
     }
   }
   cluster.sync();  // no block leaves while another may still send into its shared memory
@@ -823,12 +827,19 @@ int resident_clusters(int C) {
   int n = device < kMaxDevices ? cache[device][log2c].load(std::memory_order_relaxed) : 0;
   if (n == 0) {
     auto kernel = GRAD ? cluster_forward_grad_kernel<T> : cluster_forward_kernel<T>;
-    // (kept by the function on this device: the launches below need it too)
-    if (C > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    // (the attribute stays with the function on this device: the launches need it too). A GPU whose
+    // clusters are smaller than C rejects the attribute or the query: C does not fit there, and the
+    // error is cleared so that no later launch check reports it.
+    cudaError_t err = C > 8 ? cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1)
+                            : cudaSuccess;
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg = cluster_config(kernel, 1, C, &attr);
     int clusters = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      clusters = 0;
+    }
     n = clusters > 0 ? clusters : -1;
     if (device < kMaxDevices) cache[device][log2c].store(n, std::memory_order_relaxed);
   }
