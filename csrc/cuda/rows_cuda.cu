@@ -569,7 +569,9 @@ struct RowSplit {
   int C, log2c;
 
   __device__ __forceinline__ RowSplit(const T* x, int64_t V_, int C_)
-      : V(V_), head(head_count<T>(x, V_)), nvec((V_ - head) / Packet<T>::N), C(C_), log2c(__ffs(C_) - 1) {}
+      : V(V_), head(head_count<T>(x, V_)), nvec((V_ - head) / Packet<T>::N), C(C_), log2c(0) {
+    while ((1 << log2c) < C) ++log2c;  // C is a power of two
+  }
 
   __device__ __forceinline__ int64_t bound(int r) const {
     return r == 0 ? 0 : (r == C ? V : head + ((nvec * r) >> log2c) * Packet<T>::N);
