@@ -14,7 +14,7 @@ boundaries), it launches:
   the fused kernel, and the gradient kernel with the logits and the output at different alignments.
 
 The CUDA block path (V > 4096) runs once per --clusters setting (DELTAL_KERNELS_CUDA_CLUSTER: auto,
-which is one block per row at these V, and clusters of 2 and 16 blocks per row on sm_90 and newer).
+which is one block per row at these V, and a cluster of 16 blocks per row on sm_90 and newer).
 
 Batches have unscored rows, an empty sequence, KL (k3), entropy, dual clip and a temperature, so
 every branch of the row epilogue runs. Each result is checked to be finite; the sanitizer reports
@@ -42,9 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--V", type=int, nargs="+", default=[1001, 4096, 8193, 32000],
                    help="vocabulary sizes (<= 4096: a warp per row in the CUDA kernels, above: a block)")
     p.add_argument("--rows", type=int, default=40, help="rows per batch (default 40)")
-    p.add_argument("--clusters", nargs="+", default=["auto", "2", "16"],
-                   help="DELTAL_KERNELS_CUDA_CLUSTER settings for the CUDA block path (default: auto 2 16; "
-                        "sizes above 1 need compute capability 9.0)")
+    p.add_argument("--clusters", nargs="+", default=["auto", "16"],
+                   help="DELTAL_KERNELS_CUDA_CLUSTER settings for the CUDA block path (default: auto 16, the "
+                        "largest cluster; sizes above 1 need compute capability 9.0)")
     p.add_argument("--quick", action="store_true", help="one dtype (bfloat16) and two V (1001, 8193)")
     return p.parse_args(argv)
 
