@@ -10,6 +10,10 @@
 #   preflight   nvidia-smi, versions of python/torch/Triton/nvcc/compute-sanitizer/ncu, pytest plugins
 #   build       pip install -e . with TORCH_CUDA_ARCH_LIST = the GPU's (9.0 on an H200), MAX_JOBS = all cores
 #   info        python -m deltal_kernels (build facts, backends per device); cuda + triton must be usable
+#   clusters    scripts/cluster_smoke.py: the CUDA cluster schedule (sm_90+) once per cluster size, within a
+#               short cap; when it fails or hangs, DELTAL_KERNELS_CUDA_CLUSTER=1 for every later step
+#               (tests/test_cuda_clusters.py left out, the sanitizers on one block per row), so one bad
+#               kernel cannot take the rest of the check with it
 #   liger       liger-kernel from a wheel in $WHEELS (default wheels/, `make gpu-wheels`), pip --no-index
 #               --target into a temporary folder put on PYTHONPATH (it is pure Python over Triton)
 #   tests       pytest tests on CUDA (cuda and triton backends, Triton compiled, bigmem/64-bit cases), a
@@ -33,7 +37,7 @@
 # Environment: PY (default python3), OUT, WHEELS (default wheels), BUDGET_S (default 540), MAX_JOBS
 # (default: the CPU count), TORCH_CUDA_ARCH_LIST (default: the GPU's capability, else 9.0),
 # TEST_WORKERS (pytest-xdist workers, default 8; 0: none), TEST_TIMEOUT (per test, default 300 s),
-# PYTEST_ARGS, BENCH_ARGS, LOG_CAP_BYTES (default 1.5 MiB per step: the 9 stay under the 16 MiB a
+# PYTEST_ARGS, BENCH_ARGS, LOG_CAP_BYTES (default 1.5 MiB per step: the 10 stay under the 16 MiB a
 # file may have); in a dry run, REHEARSE: the steps rehearsed here ("all", the default, "none", or
 # step names).
 set -uo pipefail
@@ -60,6 +64,7 @@ done
 STEPS="preflight|no|60|10
 build|no|240|60
 info|yes|60|10
+clusters|yes|45|10
 liger|no|60|5
 tests|yes|240|90
 sanitize|yes|180|60
@@ -350,8 +355,9 @@ SAN_TOOLS="memcheck racecheck synccheck"
 # compute-sanitizer TOOL over the kernel driver; its log is $WORK/sanitize-TOOL.log
 sanitize_one() {
   local tool=$1
+  # shellcheck disable=SC2086
   compute-sanitizer --tool "$tool" --print-limit 50 --error-exitcode 9 "$PY" "$ROOT/scripts/sanitize_kernels.py" \
-    > "$WORK/sanitize-$tool.log" 2>&1
+    ${SANITIZE_ARGS:-} > "$WORK/sanitize-$tool.log" 2>&1
 }
 
 sanitize() {  # the three tools in parallel; fails when one fails (the summary reads their error counts)
@@ -407,6 +413,14 @@ else
   run_step build build
 fi
 gpu_step info "$PY -m deltal_kernels" info
+export SANITIZE_ARGS=""
+gpu_step clusters "$PY $ROOT/scripts/cluster_smoke.py --dry-run" "$PY" "$ROOT/scripts/cluster_smoke.py"
+if [ "$DRY_RUN" = 0 ] && [ "$HAVE_GPU" = 1 ] && ! awk -F'\t' '$1 == "clusters" && ($2 == "ok" || $2 == "skipped") { ok = 1 } END { exit !ok }' "$STATUS"; then
+  echo "== gpu_check: the cluster schedule failed its smoke test: DELTAL_KERNELS_CUDA_CLUSTER=1 from here on"
+  export DELTAL_KERNELS_CUDA_CLUSTER=1
+  SANITIZE_ARGS="--clusters auto"
+  PYTEST_ARGS="${PYTEST_ARGS:-} --ignore=tests/test_cuda_clusters.py"
+fi
 run_step liger liger
 [ -d "$LIGER_SITE" ] && export PYTHONPATH="$LIGER_SITE${PYTHONPATH:+:$PYTHONPATH}"
 

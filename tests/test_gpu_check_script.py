@@ -12,8 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-GPU_STEPS = {"info", "tests", "sanitize", "bench", "ncu"}
-ALL_STEPS = ["preflight", "build", "info", "liger", "tests", "sanitize", "bench", "kernel-report", "ncu"]
+GPU_STEPS = {"info", "clusters", "tests", "sanitize", "bench", "ncu"}
+ALL_STEPS = ["preflight", "build", "info", "clusters", "liger", "tests", "sanitize", "bench", "kernel-report", "ncu"]
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
 
