@@ -416,7 +416,8 @@ gpu_step info "$PY -m deltal_kernels" info
 export SANITIZE_ARGS=""
 gpu_step clusters "$PY $ROOT/scripts/cluster_smoke.py --dry-run" "$PY" "$ROOT/scripts/cluster_smoke.py"
 if [ "$DRY_RUN" = 0 ] && [ "$HAVE_GPU" = 1 ] && ! awk -F'\t' '$1 == "clusters" && ($2 == "ok" || $2 == "skipped") { ok = 1 } END { exit !ok }' "$STATUS"; then
-  echo "== gpu_check: the cluster schedule failed its smoke test: DELTAL_KERNELS_CUDA_CLUSTER=1 from here on"
+  echo "the later steps run with DELTAL_KERNELS_CUDA_CLUSTER=1 (one block per row)" | tee -a "$WORK/clusters.log"
+  summarize
   export DELTAL_KERNELS_CUDA_CLUSTER=1
   SANITIZE_ARGS="--clusters auto"
   PYTEST_ARGS="${PYTEST_ARGS:-} --ignore=tests/test_cuda_clusters.py"
