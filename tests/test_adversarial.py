@@ -95,12 +95,16 @@ def test_nan_logit_row_gradient_is_nan_without_entropy_or_kl(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_uniform_huge_logits_keep_log_v(backend, dtype):
-    """lse = m + log V rounds to m when |m| is huge; logp must still be -log V."""
+@pytest.mark.parametrize("magnitude, temperature", [(1e30, 1.0), (1e30, 0.7), (1e10, 0.7), (3e7, 1.3)])
+def test_uniform_huge_logits_keep_log_v(backend, dtype, magnitude, temperature):
+    """lse = m + log V rounds to m when |m| is huge; logp must still be -log V. At a temperature
+    other than 1 the product x / tau is rounded: an offset formed as one FMA (exact product minus
+    the rounded maximum) is that rounding's residual, >= 1 here, so such rows are redone with
+    rounded products (the CPU kernels gave -inf at 1e10 and tau 0.7)."""
     device = backend_device(backend)
     batch = make_batch([2, 1], V, dtype=dtype, device=device, seed=24, mask_frac=0.0)
-    batch["logits"] = torch.full_like(batch["logits"], 1e30)
-    out, _ = run(dk.policy_loss, batch, backend=backend, max_len=4, with_entropy=True)
+    batch["logits"] = torch.full_like(batch["logits"], magnitude)
+    out, _ = run(dk.policy_loss, batch, backend=backend, max_len=4, with_entropy=True, temperature=temperature)
     torch.testing.assert_close(out.logprobs.cpu(), torch.full((3,), -math.log(V)), rtol=1e-6, atol=0)
     torch.testing.assert_close(out.entropy.cpu(), torch.full((3,), math.log(V)), rtol=1e-6, atol=0)
 

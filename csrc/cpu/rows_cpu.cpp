@@ -523,6 +523,17 @@ DK_PICK(c10::BFloat16, bf16)
 // Rows: forward, gradient, fused (plain code; the vector work is in the per-row functions)
 // ---------------------------------------------------------------------------------------------
 
+// |m| (of x / tau) from which a row is reduced again from rounded products, element by element: the
+// GPU kernels' threshold (2^24 in log2 units). Logits of a trained model are never near it.
+constexpr float kHugeZ = 16777216.0f * 0.6931471805599453f;
+
+template <typename T>
+DK_CPU_NOINLINE SoftmaxStats row_stats_rounded(const T* x, int64_t V, float inv_tau) {
+  SoftmaxStats st = softmax_empty();
+  for (int64_t j = 0; j < V; ++j) softmax_push(st, rounded_mul(static_cast<float>(x[j]), inv_tau));
+  return st;
+}
+
 // One scored row x = logits[row]: its statistics, the epilogue, the [N] outputs written.
 // (An out-of-range target throws here, before the row is read; the CUDA kernels, which cannot throw,
 // give NaN instead.)
@@ -530,8 +541,13 @@ template <typename T>
 RowResult forward_row(const ForwardPointers& a, const RowFunctions<T>& k, int64_t row, const T* x) {
   const int64_t y = a.targets[row];
   TORCH_CHECK_INDEX(y >= 0 && y < a.V, "targets: row ", row, " has target ", y, ", outside [0, V=", a.V, ")");
-  const SoftmaxStats st = k.stats(x, a.V, a.inv_tau, a.need_entropy);
-  const RowResult r = forward_row_result(a, row, st, static_cast<float>(x[y]) * a.inv_tau);
+  SoftmaxStats st = k.stats(x, a.V, a.inv_tau, a.need_entropy);
+  float zy = static_cast<float>(x[y]) * a.inv_tau;
+  if (fabsf(st.m) >= kHugeZ && fabsf(st.m) < INFINITY) {  // (non-finite rows keep their NaN)
+    st = row_stats_rounded(x, a.V, a.inv_tau);
+    zy = rounded_mul(static_cast<float>(x[y]), a.inv_tau);
+  }
+  const RowResult r = forward_row_result(a, row, st, zy);
   store_row(a, row, r);
   return r;
 }

@@ -342,7 +342,7 @@ template <typename T, int GROUP>
 __device__ __noinline__ SoftmaxStats row_stats_accurate(const T* x, int64_t V, float inv_tau, int tid,
                                                         ReduceSmem& smem) {
   SoftmaxStats st = softmax_empty();
-  for (int64_t j = tid; j < V; j += GROUP) softmax_push(st, static_cast<float>(x[j]) * inv_tau);
+  for (int64_t j = tid; j < V; j += GROUP) softmax_push(st, rounded_mul(static_cast<float>(x[j]), inv_tau));
   return group_reduce<GROUP>(st, smem.accurate, softmax_merge);
 }
 
@@ -354,7 +354,7 @@ __device__ __forceinline__ RowResult row_result(const ForwardPointers& a, int64_
                                                 float xy, int tid, ReduceSmem& smem) {
   if (fabsf(st.mk) >= kHugeLog2) {
     const SoftmaxStats acc = row_stats_accurate<T, GROUP>(x, a.V, a.inv_tau, tid, smem);
-    return forward_row_result(a, row, acc, xy * a.inv_tau);
+    return forward_row_result(a, row, acc, rounded_mul(xy, a.inv_tau));
   }
   const float k = a.inv_tau * kLog2e;
   const SoftmaxStats relative{0.0f, st.s, st.t * kLn2};  // m = 0: the offsets are relative already

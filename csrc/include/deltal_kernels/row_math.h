@@ -65,6 +65,19 @@ DK_HD void softmax_push(SoftmaxStats& st, float z) {
   softmax_add(st, z);
 }
 
+// x * y rounded to float32 on its own, never contracted into an FMA with what follows. Rows of huge
+// logits are reduced from these: a fused x * inv_tau - m keeps the product's rounding residual, which
+// reaches 1 and more once |m| >= 2^24 ln 2 (and overflows exp from ~2^31), so that the maximum's own
+// offset would not be 0 there.
+DK_HD float rounded_mul(float x, float y) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(x, y);
+#else
+  volatile float p = x * y;  // (a store and a load: only on the path of huge rows)
+  return p;
+#endif
+}
+
 // Merge two parts. Symmetric: merge(a, b) and merge(b, a) give bitwise the same result, so a
 // butterfly (xor-shuffle) reduction leaves every lane with the same value.
 DK_HD SoftmaxStats softmax_merge(SoftmaxStats a, SoftmaxStats b) {
