@@ -116,5 +116,7 @@ def build_info() -> dict:
         archs = ", ".join(f"sm_{a}" for a in compiled_archs())
         info["CUDA archs compiled"] = archs + (" (+PTX)" if raw.get("cuda_ptx") == "1" else "")
         info["nvcc version (build)"] = raw.get("nvcc_version", "unknown")
+        # read by the CUDA kernels at each launch (README: performance model)
+        info["DELTAL_KERNELS_CUDA_CLUSTER"] = os.environ.get("DELTAL_KERNELS_CUDA_CLUSTER") or "auto (unset)"
     info["torch CUDA version"] = torch.version.cuda or "none"
     return info

@@ -85,7 +85,8 @@ def built_archs() -> set:
     return {int(round(float(a.replace("+PTX", "")) * 10)) for a in spec.replace(" ", ";").split(";") if a}
 
 
-def test_build_info():
+def test_build_info(monkeypatch):
+    monkeypatch.setenv("DELTAL_KERNELS_CUDA_CLUSTER", "8")
     info = extension.build_info()
     assert info["compiled backends"] in ("cpu", "cpu, cuda")
     assert info["torch CUDA version"] == (torch.version.cuda or "none")
@@ -95,6 +96,7 @@ def test_build_info():
         assert all(f"sm_{a}" in info["CUDA archs compiled"] for a in built_archs()), info
         nvcc_major = info["nvcc version (build)"].split(".")[0]
         assert nvcc_major == torch.version.cuda.split(".")[0], "nvcc and torch CUDA major versions must agree"
+        assert info["DELTAL_KERNELS_CUDA_CLUSTER"] == "8"  # the setting the kernels will read, for bug reports
     else:
         assert info["CUDA part built"] == "no"
         assert "CUDA archs compiled" not in info
