@@ -110,6 +110,20 @@ def test_uniform_huge_logits_keep_log_v(backend, dtype, magnitude, temperature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_nan_first_in_a_row_of_huge_logits(backend, temperature):
+    """A NaN before the row's first finite value still makes the row NaN on the huge-row path (the
+    CPU's second pass dropped it when a later value raised the maximum from -inf)."""
+    device = backend_device(backend)
+    batch = make_batch([2, 1], V, device=device, seed=27, mask_frac=0.0)
+    batch["logits"][1] = 1e30
+    batch["logits"][1, 0] = float("nan")
+    out, grad = run(dk.policy_loss, batch, backend=backend, max_len=4, with_entropy=True, temperature=temperature)
+    assert torch.isnan(out.logprobs[1]) and torch.isnan(out.entropy[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(out.logprobs[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shift", [1e2, 1e3, 1e4])
 def test_shifted_logits(backend, shift):
     """Adding a constant to every logit changes nothing but the inputs' own rounding."""

@@ -43,8 +43,9 @@ struct SoftmaxStats {
 DK_HD SoftmaxStats softmax_empty() { return {-INFINITY, 0.0f, 0.0f}; }
 
 // Re-express the statistics relative to a new maximum new_m >= st.m.
+// (A part with m = -inf has s = u = 0, or s = NaN once it has seen a NaN: kept.)
 DK_HD SoftmaxStats softmax_rescale(SoftmaxStats st, float new_m) {
-  if (st.m == -INFINITY) return {new_m, 0.0f, 0.0f};
+  if (st.m == -INFINITY) return {new_m, st.s, st.u};
   const float d = st.m - new_m;  // <= 0
   const float c = dk_exp(d);
   return {new_m, st.s * c, c * (st.u + d * st.s)};
@@ -86,7 +87,7 @@ DK_HD SoftmaxStats softmax_merge(SoftmaxStats a, SoftmaxStats b) {
     a = b;
     b = t;
   }
-  if (b.m == -INFINITY) return a;
+  if (b.m == -INFINITY) return {a.m, b.s == 0.0f ? a.s : NAN, a.u};  // nothing, or a NaN seen before any value
   const float d = b.m - a.m;  // <= 0
   const float c = dk_exp(d);
   return {a.m, a.s + c * b.s, a.u + c * (b.u + d * b.s)};
