@@ -7,8 +7,9 @@ built without CUDA, ``unavailable_reason`` says so and dispatch reports it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -21,6 +22,10 @@ except ImportError as e:  # not built, or built against another torch
     _IMPORT_ERROR = str(e)
 
 _INFO_CACHE: Optional[dict] = None
+
+# Read by the CUDA kernels at each launch: "auto" (unset), "1" (one block per row) or a cluster size
+# 2, 4, 8, 16 (README: performance model)
+CLUSTER_SETTING = "DELTAL_KERNELS_CUDA_CLUSTER"
 
 
 def _ops():
@@ -116,7 +121,34 @@ def build_info() -> dict:
         archs = ", ".join(f"sm_{a}" for a in compiled_archs())
         info["CUDA archs compiled"] = archs + (" (+PTX)" if raw.get("cuda_ptx") == "1" else "")
         info["nvcc version (build)"] = raw.get("nvcc_version", "unknown")
-        # read by the CUDA kernels at each launch (README: performance model)
-        info["DELTAL_KERNELS_CUDA_CLUSTER"] = os.environ.get("DELTAL_KERNELS_CUDA_CLUSTER") or "auto (unset)"
+        info[CLUSTER_SETTING] = os.environ.get(CLUSTER_SETTING) or "auto (unset)"
     info["torch CUDA version"] = torch.version.cuda or "none"
     return info
+
+
+def clusters_unavailable_reason(device=None) -> Optional[str]:
+    """None when the cuda backend can split rows over thread-block clusters on ``device`` (the
+    current CUDA device by default), else why not."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    reason = unavailable_reason("cuda")
+    if reason is not None:
+        return f"CUDA backend: {reason}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"thread-block clusters need compute capability 9.0 or newer (this GPU: {major}.{minor})"
+    return None
+
+
+@contextlib.contextmanager
+def cluster_setting(value: str) -> Iterator[None]:
+    """CLUSTER_SETTING = value inside the block; the caller's value (or none) again after it."""
+    previous = os.environ.get(CLUSTER_SETTING)
+    os.environ[CLUSTER_SETTING] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[CLUSTER_SETTING]
+        else:
+            os.environ[CLUSTER_SETTING] = previous

@@ -358,10 +358,12 @@ def cuda_reports(arch: str = "sm_90", source: str = "auto") -> List[KernelReport
         if not m or m.group(2) not in _CUDA_DTYPES:
             continue
         kernel, dtype = m.group(1), _CUDA_DTYPES[m.group(2)]
-        if m.group(3) is None:
+        if kernel.startswith("cluster_"):
             variant = "cluster per row"
-        else:
+        elif m.group(3) is not None:
             variant = "block per row" if int(m.group(3)) > 32 else "warp per row"
+        else:
+            continue
         reports += report_function("cuda", kernel, dtype, instrs, res.get(mangled, {}), variant)
     order = {"forward_kernel": 0, "grad_kernel": 1, "forward_grad_kernel": 2, "cluster_forward_kernel": 3,
              "cluster_forward_grad_kernel": 4}

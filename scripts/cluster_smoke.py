@@ -30,13 +30,12 @@ def main(argv=None) -> int:
     import torch
 
     import deltal_kernels as dk
+    from deltal_kernels import extension
     from deltal_kernels.dispatch import unavailable_reason
 
     backend, device = ("cpu", "cpu") if args.dry_run else ("cuda", "cuda")
     V = 5000 if args.dry_run else args.V
-    reason = unavailable_reason(backend, device)
-    if reason is None and not args.dry_run and torch.cuda.get_device_capability()[0] < 9:
-        reason = "compute capability below 9.0: no clusters"
+    reason = unavailable_reason(backend, device) if args.dry_run else extension.clusters_unavailable_reason()
     if reason is not None:
         print(f"cluster_smoke: not applicable: {reason}", flush=True)
         return 3
@@ -58,7 +57,7 @@ def main(argv=None) -> int:
 
     failures = []
     for setting in ("2", "4", "8", "16", "auto"):
-        os.environ["DELTAL_KERNELS_CUDA_CLUSTER"] = setting
+        os.environ[extension.CLUSTER_SETTING] = setting
         t0 = time.time()
         try:
             x = logits.clone().requires_grad_(True)

@@ -416,10 +416,10 @@ gpu_step info "$PY -m deltal_kernels" info
 export SANITIZE_ARGS=""
 gpu_step clusters "$PY $ROOT/scripts/cluster_smoke.py --dry-run" "$PY" "$ROOT/scripts/cluster_smoke.py"
 if [ "$DRY_RUN" = 0 ] && [ "$HAVE_GPU" = 1 ] && ! awk -F'\t' '$1 == "clusters" && ($2 == "ok" || $2 == "skipped") { ok = 1 } END { exit !ok }' "$STATUS"; then
-  echo "the later steps run with DELTAL_KERNELS_CUDA_CLUSTER=1 (one block per row)" | tee -a "$WORK/clusters.log"
+  echo "the later steps run with DELTAL_KERNELS_CUDA_CLUSTER=1 (one block per row)" | tee -a "$WORK/clusters.log" "$LOG"
   summarize
   export DELTAL_KERNELS_CUDA_CLUSTER=1
-  SANITIZE_ARGS="--clusters auto"
+  SANITIZE_ARGS="--clusters 1"
   PYTEST_ARGS="${PYTEST_ARGS:-} --ignore=tests/test_cuda_clusters.py"
 fi
 run_step liger liger

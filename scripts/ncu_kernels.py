@@ -10,7 +10,8 @@ shape and runs nothing on a GPU (the plumbing check).
 
 On sm_90 and newer the cuda launches run twice: with DELTAL_KERNELS_CUDA_CLUSTER=auto (at this V a
 cluster of blocks per row: cluster_forward_kernel, cluster_forward_grad_kernel) and =1 (one block per
-row: forward_kernel, forward_grad_kernel), so the report has both schedules side by side.
+row: forward_kernel, forward_grad_kernel), so the report has both schedules side by side; only with
+=1 when the caller has set it (gpu_check.sh does after a failed cluster smoke test).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     import torch
 
     import deltal_kernels as dk
+    from deltal_kernels import extension
     from deltal_kernels.dispatch import unavailable_reason
 
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -68,17 +70,18 @@ def main(argv=None) -> int:
     if not backends:
         print("ncu_kernels: no backend to profile", flush=True)
         return 1
-    clusters = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    runs = [(b, s) for b in backends for s in (("auto", "1") if b == "cuda" and clusters else ("auto",))]
+    inherited = os.environ.get(extension.CLUSTER_SETTING, "auto")
+    both = device.type == "cuda" and extension.clusters_unavailable_reason(device) is None and inherited != "1"
+    runs = [(b, s) for b in backends for s in (("auto", "1") if b == "cuda" and both else (inherited,))]
     for backend, setting in runs:  # warm-up: compilation, autotuning, occupancy queries
-        os.environ["DELTAL_KERNELS_CUDA_CLUSTER"] = setting
+        os.environ[extension.CLUSTER_SETTING] = setting
         scratch.copy_(logits)
         launches(backend)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
     for backend, setting in runs:
-        os.environ["DELTAL_KERNELS_CUDA_CLUSTER"] = setting
+        os.environ[extension.CLUSTER_SETTING] = setting
         print(f"ncu_kernels: profiled launches of {backend} (DELTAL_KERNELS_CUDA_CLUSTER={setting}): forward, "
               f"fused forward+gradient, forward + gradient in place (N={N}, V={V}, {args.dtype})", flush=True)
         scratch.copy_(logits)  # a copy kernel: not matched by the kernel-name filter of gpu_check.sh

@@ -13,8 +13,8 @@ boundaries), it launches:
 - unaligned: logits starting one element past a 16-byte boundary (a view into a larger buffer):
   the fused kernel, and the gradient kernel with the logits and the output at different alignments.
 
-The CUDA block path (V > 4096) runs once per --clusters setting (DELTAL_KERNELS_CUDA_CLUSTER: auto,
-which is one block per row at these V, and a cluster of 16 blocks per row on sm_90 and newer).
+The CUDA kernels for V > 4096 run once per --clusters setting (DELTAL_KERNELS_CUDA_CLUSTER): 1, one
+block per row, and 16, a cluster of 16 blocks per row (sm_90 and newer; elsewhere only 1).
 
 Batches have unscored rows, an empty sequence, KL (k3), entropy, dual clip and a temperature, so
 every branch of the row epilogue runs. Each result is checked to be finite; the sanitizer reports
@@ -42,9 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--V", type=int, nargs="+", default=[1001, 4096, 8193, 32000],
                    help="vocabulary sizes (<= 4096: a warp per row in the CUDA kernels, above: a block)")
     p.add_argument("--rows", type=int, default=40, help="rows per batch (default 40)")
-    p.add_argument("--clusters", nargs="+", default=["auto", "16"],
-                   help="DELTAL_KERNELS_CUDA_CLUSTER settings for the CUDA block path (default: auto 16, the "
-                        "largest cluster; sizes above 1 need compute capability 9.0)")
+    p.add_argument("--clusters", nargs="+", default=["1", "16"],
+                   help="DELTAL_KERNELS_CUDA_CLUSTER settings for the CUDA kernels at V > 4096 (default: 1 16, "
+                        "one block per row and the largest cluster; sizes above 1 need compute capability 9.0)")
     p.add_argument("--quick", action="store_true", help="one dtype (bfloat16) and two V (1001, 8193)")
     return p.parse_args(argv)
 
@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     import torch
 
     import deltal_kernels as dk
+    from deltal_kernels import extension
     from deltal_kernels.dispatch import _load, unavailable_reason
     from deltal_kernels.validation import LossParams
 
@@ -163,10 +164,11 @@ def main(argv=None) -> int:
                 ("unaligned grad", lambda: grad_direct(1))]
 
     def cluster_settings(backend, V):
+        """The settings to run (None: leave the variable as it is: the path does not read it)."""
         if backend != "cuda" or V <= 4096:
-            return ["auto"]
-        if torch.cuda.get_device_capability(device)[0] < 9:
-            return [c for c in args.clusters if c in ("auto", "1")]
+            return [None]
+        if extension.clusters_unavailable_reason(device) is not None:
+            return [c for c in args.clusters if c == "1"]
         return args.clusters
 
     start = time.time()
@@ -179,8 +181,9 @@ def main(argv=None) -> int:
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             for V, cluster in ((V, c) for V in args.V for c in cluster_settings(backend, V)):
-                os.environ["DELTAL_KERNELS_CUDA_CLUSTER"] = cluster
-                path = "warp" if V <= 4096 else ("block" if cluster in ("auto", "1") else f"cluster of {cluster}")
+                if cluster is not None:
+                    os.environ[extension.CLUSTER_SETTING] = cluster
+                path = "warp" if V <= 4096 else ("block" if cluster in (None, "1") else f"cluster of {cluster}")
                 for name, fn in variants(backend, V, dtype):
                     label = f"{backend} {dtype_name} V={V} {path} {name}"
                     try:

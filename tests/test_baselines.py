@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import deltal_kernels as dk
+from deltal_kernels import extension
 from deltal_kernels.bench import baselines, measure
 from deltal_kernels.bench.cases import LOSS_OPTIONS, Batch, Case, make_batch
 from deltal_kernels.dispatch import has_fused_gradient
@@ -118,24 +119,15 @@ def test_liger_on_one_sequence():
     assert_close(loss_and_grad(baselines.liger_loss, logits, one), reference(logits, one), 1e-5)
 
 
-def _clusters_unavailable():
-    if not torch.cuda.is_available():
-        return "needs a CUDA device"
-    if "cuda" not in dk.available_backends("cuda"):
-        return "needs the extension's CUDA part"
-    if torch.cuda.get_device_capability()[0] < 9:
-        return "thread-block clusters need compute capability 9.0 or newer"
-    return None
-
-
 @pytest.mark.cuda
-@pytest.mark.skipif(_clusters_unavailable() is not None, reason=str(_clusters_unavailable()))
+@pytest.mark.skipif(extension.clusters_unavailable_reason() is not None,
+                    reason=str(extension.clusters_unavailable_reason()))
 def test_block_per_row_wrapper(monkeypatch):
     """cuda without clusters: the reference's loss and gradient, and the caller's setting left as it was."""
-    monkeypatch.setenv(baselines.CLUSTER_SETTING, "16")
+    monkeypatch.setenv(extension.CLUSTER_SETTING, "16")
     logits, batch = make_batch(CASE, "cuda", seed=3)
     assert_close(loss_and_grad(baselines.block_per_row_loss, logits, batch), reference(logits, batch), 1e-5)
-    assert os.environ[baselines.CLUSTER_SETTING] == "16"
+    assert os.environ[extension.CLUSTER_SETTING] == "16"
     assert "cuda block-per-row" in [i.name for i in baselines.implementations("cuda")[0]]
 
 

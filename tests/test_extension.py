@@ -86,7 +86,7 @@ def built_archs() -> set:
 
 
 def test_build_info(monkeypatch):
-    monkeypatch.setenv("DELTAL_KERNELS_CUDA_CLUSTER", "8")
+    monkeypatch.setenv(extension.CLUSTER_SETTING, "8")
     info = extension.build_info()
     assert info["compiled backends"] in ("cpu", "cpu, cuda")
     assert info["torch CUDA version"] == (torch.version.cuda or "none")

@@ -142,3 +142,12 @@ def summarize(work, out):
     s = (out / "summary.txt").read_text()
     assert s == r.stdout
     return s
+
+
+def test_cluster_smoke_dry_run():
+    """scripts/cluster_smoke.py, the gpu_check step that decides whether the later steps keep the cluster
+    schedule: its checks pass on the CPU backend (--dry-run), every setting reported."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "cluster_smoke.py"), "--dry-run"], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("\nok ") + r.stdout.startswith("ok ") == 5 and "5 of 5 settings passed" in r.stdout

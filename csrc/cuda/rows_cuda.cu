@@ -560,6 +560,13 @@ __global__ void __launch_bounds__(kBlock, 1) forward_grad_kernel(const FusedPoin
 // bitwise equal. The host launches these kernels only on sm_90 and newer.
 constexpr int kMaxCluster = 16;  // the largest (non-portable) cluster of an H100/H200
 
+// log2 of a power of two (the cluster sizes)
+__host__ __device__ inline int log2_exact(int pow2) {
+  int n = 0;
+  while ((1 << n) < pow2) ++n;
+  return n;
+}
+
 // How a cluster of C = 2^log2c blocks splits a row of V values: block r takes [bound(r), bound(r + 1)),
 // the r-th of C even runs of the row's whole 16-byte packets (the unaligned head goes to block 0, the
 // tail to block C - 1). Shifts, no 64-bit division: the merge evaluates every block's bounds per row.
@@ -569,9 +576,7 @@ struct RowSplit {
   int C, log2c;
 
   __device__ __forceinline__ RowSplit(const T* x, int64_t V_, int C_)
-      : V(V_), head(head_count<T>(x, V_)), nvec((V_ - head) / Packet<T>::N), C(C_), log2c(0) {
-    while ((1 << log2c) < C) ++log2c;  // C is a power of two
-  }
+      : V(V_), head(head_count<T>(x, V_)), nvec((V_ - head) / Packet<T>::N), C(C_), log2c(log2_exact(C_)) {}
 
   __device__ __forceinline__ int64_t bound(int r) const {
     return r == 0 ? 0 : (r == C ? V : head + ((nvec * r) >> log2c) * Packet<T>::N);
@@ -747,8 +752,8 @@ DeviceFacts current_device_facts() {
 // Launch units (blocks, or clusters) of a fused kernel (README: the schedule): at most the resident
 // ones (no second wave, whose rows would start after the first wave's lines were evicted), and the
 // rows in flight within a quarter of the L2, but never fewer than one block per SM (min_units). Block
-// per row, e.g.: V = 32000 bf16 on an H100 (50 MB L2): 195 blocks, 12.5 MB in flight; V = 151936
-// bf16 would be 132 blocks and 40 MB in flight, which is why rows that large take a cluster each.
+// per row, e.g.: V = 32000 bf16 on an H100 (50 MiB L2): 204 blocks, 12.5 MiB in flight; V = 151936
+// bf16 would be 132 blocks and 38 MiB in flight, which is why rows that large take a cluster each.
 int64_t l2_bounded_units(int64_t units, int64_t unit_row_bytes, int64_t min_units) {
   const int64_t fit = (current_device_facts().l2_bytes / 4) / std::max<int64_t>(1, unit_row_bytes);
   return std::max<int64_t>(1, std::min<int64_t>(units, std::max<int64_t>(min_units, fit)));
@@ -824,8 +829,7 @@ int resident_clusters(int C) {
   static std::atomic<int> cache[kMaxDevices][5];  // by log2 C; 0: not queried, -1: none fit
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  int log2c = 0;
-  while ((1 << log2c) < C) ++log2c;
+  const int log2c = log2_exact(C);
   int n = device < kMaxDevices ? cache[device][log2c].load(std::memory_order_relaxed) : 0;
   if (n == 0) {
     auto kernel = GRAD ? cluster_forward_grad_kernel<T> : cluster_forward_kernel<T>;
@@ -874,9 +878,8 @@ bool cluster_code_built() {
 // either cluster kernel cannot be resident with it.
 template <typename T>
 int blocks_per_row(int64_t V) {
-  if (V <= kSmallV) return 1;
-  const int setting = cluster_setting();
-  if (setting == 1) return 1;
+  const int setting = cluster_setting();  // (checked at every launch: a bad value is never ignored)
+  if (V <= kSmallV || setting == 1) return 1;
   const DeviceFacts d = current_device_facts();
   if (d.major < 9) {
     TORCH_CHECK(setting == 0, "DELTAL_KERNELS_CUDA_CLUSTER=", setting,

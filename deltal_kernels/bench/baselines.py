@@ -19,13 +19,13 @@ ratio of the two at large V is the cluster schedule's gain, measured side by sid
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 import deltal_kernels as dk
+from deltal_kernels import extension
 from deltal_kernels.dispatch import has_fused_gradient
 from deltal_kernels.torch_backend import row_terms
 from deltal_kernels.validation import compute_dtype, prepare
@@ -33,8 +33,6 @@ from deltal_kernels.validation import compute_dtype, prepare
 from .cases import Batch
 
 LossFn = Callable[[torch.Tensor, Batch], torch.Tensor]
-
-CLUSTER_SETTING = "DELTAL_KERNELS_CUDA_CLUSTER"
 
 # TRL loops over the rows of one padded sequence at a time; 1024 rows is a typical response length
 CHUNK_ROWS = 1024
@@ -59,15 +57,8 @@ def backend_loss(backend: str, inplace: bool = False) -> LossFn:
 def block_per_row_loss(logits, batch):
     """The cuda backend with one block per row at every V (``DELTAL_KERNELS_CUDA_CLUSTER=1``): the
     schedule that the cluster schedule replaces for large V on sm_90, timed beside it."""
-    previous = os.environ.get(CLUSTER_SETTING)
-    os.environ[CLUSTER_SETTING] = "1"
-    try:
+    with extension.cluster_setting("1"):
         return backend_loss("cuda")(logits, batch)  # (the fused forward launches the gradient too)
-    finally:
-        if previous is None:
-            del os.environ[CLUSTER_SETTING]
-        else:
-            os.environ[CLUSTER_SETTING] = previous
 
 
 def eager_loss(logits, batch):
@@ -159,7 +150,7 @@ def implementations(device) -> Tuple[List[Impl], Dict[str, str]]:
              for name in names]
     if names:
         impls.insert(1, Impl(f"{names[0]} inplace", "backend", lambda: backend_loss(names[0], True), inplace=True))
-    if "cuda" in names and torch.cuda.get_device_capability(device)[0] >= 9:
+    if "cuda" in names and extension.clusters_unavailable_reason(device) is None:
         impls.insert(names.index("cuda") + 2, Impl("cuda block-per-row", "backend", lambda: block_per_row_loss,
                                                    fused=True))
     impls += [Impl("eager", "baseline", lambda: eager_loss),
