@@ -44,6 +44,26 @@ def test_bench_runs_and_writes_results(tmp_path, capsys):
     assert "Targets" in capsys.readouterr().out
 
 
+def test_a_run_cut_short_keeps_the_cases_it_finished(tmp_path, monkeypatch):
+    """gpu_check.sh stops the benchmark at its time cap: the files hold every case finished before."""
+    finished = []
+    real_run_case = cli.run_case
+
+    def run_case(case, *args, **kwargs):
+        if finished:
+            raise KeyboardInterrupt  # the cap, during the second case
+        finished.append(case.label)
+        return real_run_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--device", "cpu", "--N", "64", "--V", "128", "256", "--dtype", "fp32", "--reps", "1",
+              "--only", "eager", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "cpu-custom.json").read_text())
+    assert finished == ["N=64 V=128 fp32"] and {r["case"] for r in doc["results"]} == set(finished)
+    assert (tmp_path / "cpu-custom.md").read_text().count("| eager |") == 1
+
+
 def row(impl, fwdbwd_ms, extra_peak_MB=100.0):
     return dict(case="N=2048 V=32000 fp32", impl=impl, error=None, fwdbwd_ms=fwdbwd_ms, extra_peak_MB=extra_peak_MB)
 

@@ -300,6 +300,8 @@ def main(argv=None) -> int:
                 console.print(table)
             del logits, batch
             _free(device)
+            if case is not cases[-1]:  # the results so far, in case the run is cut short (a time cap)
+                report.write_files(out, tag, meta, results, evaluate(results, device.type, available, skipped))
 
     targets = evaluate(results, device.type, available, skipped)
     console.print(report.targets_table(targets))
