@@ -38,33 +38,22 @@ import torch
 import deltal_kernels as dk
 
 from . import measure
-from .cases import DTYPES, LOSS_OPTIONS, Batch, max_len_for, rollout_lengths
+from .cases import LOSS_OPTIONS, Batch, Case, rollout_lengths
 
 
 @dataclass(frozen=True)
-class LinearCase:
-    N: int
-    H: int
-    V: int
-    dtype: str
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def max_len(self) -> int:
-        return max_len_for(self.N)
+class LinearCase(Case):
+    H: int  # hidden size: the logits are hidden [N, H] @ weight [V, H].T
 
     @property
     def label(self) -> str:
         return f"N={self.N} H={self.H} V={self.V} {self.dtype}"
 
 
-TARGET_CPU = LinearCase(4096, 512, 32000, "fp32")
-TARGET_GPU = LinearCase(16384, 4096, 151936, "bf16")
-GRIDS = {"cpu": [TARGET_CPU], "cpu-quick": [LinearCase(1024, 256, 32000, "fp32")],
-         "cuda": [TARGET_GPU, LinearCase(16384, 4096, 151936, "fp32")], "cuda-quick": [TARGET_GPU]}
+TARGET_CPU = LinearCase(N=4096, H=512, V=32000, dtype="fp32")
+TARGET_GPU = LinearCase(N=16384, H=4096, V=151936, dtype="bf16")
+GRIDS = {"cpu": [TARGET_CPU], "cpu-quick": [LinearCase(N=1024, H=256, V=32000, dtype="fp32")],
+         "cuda": [TARGET_GPU, LinearCase(N=16384, H=4096, V=151936, dtype="fp32")], "cuda-quick": [TARGET_GPU]}
 
 
 @dataclass
@@ -339,7 +328,7 @@ def main(args, console) -> int:
     cases = GRIDS[device.type + ("-quick" if args.quick else "")]
     if args.N or args.V or args.H:
         base = cases[0]
-        cases = [LinearCase(N, H, V, d) for d in (args.dtype or [base.dtype]) for V in (args.V or [base.V])
+        cases = [LinearCase(N=N, H=H, V=V, dtype=d) for d in (args.dtype or [base.dtype]) for V in (args.V or [base.V])
                  for H in (args.H or [base.H]) for N in (args.N or [base.N])]
     impls, skipped = implementations()
     if args.only:
