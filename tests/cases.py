@@ -6,6 +6,9 @@ empty, some rows are masked.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 import deltal_kernels as dk
@@ -130,3 +133,12 @@ def assert_matches_reference(batch, backend, equal_nan=False, **options):
     if unscored is not None and unscored.any():
         assert not grad.cpu()[unscored].any()
     return out, grad
+
+
+def load_example(name: str):
+    """examples/<name>.py imported as a module (the examples are scripts, not a package)."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

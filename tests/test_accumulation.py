@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import deltal_kernels as dk
+from cases import load_example
 from deltal_kernels.integrations import accumulation_weights
 
 AGGS = ("delta-l", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -80,13 +81,7 @@ def test_rejects_a_single_tensor_or_an_empty_list():
 
 
 def test_readme_snippet():
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "use_with_accumulation.py")
-    spec = importlib.util.spec_from_file_location("use_with_accumulation", path)
-    snippet = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(snippet)
+    snippet = load_example("use_with_accumulation")
 
     batches = [{**b, "inputs": b["features"].float(), "old_logprobs": b["old_logprobs"].float(),
                 "advantages": b["advantages"].float()} for b in micro_batches()]  # dk's default backend: float32

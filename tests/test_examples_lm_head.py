@@ -1,20 +1,14 @@
 """examples/plain_loop_lm_head.py: the loss from hidden states + LM head equals the loss through the logits,
 and the loop built on it trains the toy policy on CPU in seconds."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
-PATH = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "plain_loop_lm_head.py")
+from cases import load_example
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("plain_loop_lm_head", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("plain_loop_lm_head")
 
 
 def test_lm_head_loss_equals_the_materialised_loss(example):

@@ -1,20 +1,14 @@
 """examples/plain_loop.py: the dk call is a faithful replacement of the hand-written GRPO loss, and
 the loop built on it (Delta-L) trains the toy policy on CPU in seconds."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
-PATH = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "plain_loop.py")
+from cases import load_example
 
 
 @pytest.fixture(scope="module")
 def plain_loop():
-    spec = importlib.util.spec_from_file_location("plain_loop", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("plain_loop")
 
 
 def test_dk_loss_with_grpo_aggregation_is_the_handwritten_loss(plain_loop):

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
+from cases import load_example  # noqa: E402
 from deltal_kernels.integrations.trl import DeltaLGRPOConfig, DeltaLGRPOTrainer  # noqa: E402
 
 WORDS = ["<pad>", "<eos>", "<unk>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -485,12 +486,7 @@ def test_delta_l_weights_span_all_processes(model_dir, tmp_path):
 
 
 def test_readme_trl_snippet(model_dir, tmp_path):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "use_with_trl.py")
-    spec = importlib.util.spec_from_file_location("use_with_trl", path)
-    snippet = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(snippet)
+    snippet = load_example("use_with_trl")
     trainer = snippet.train(model_dir, reward_len, dataset(), K, output_dir=str(tmp_path), max_steps=1,
                             per_device_train_batch_size=4, num_generations=2, report_to="none", use_cpu=True,
                             bf16=False, save_strategy="no")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import deltal_kernels as dk
+from cases import load_example
 from deltal_kernels.integrations import verl as dkv
 
 HAS_VERL = importlib.util.find_spec("verl") is not None
@@ -284,17 +285,11 @@ def test_fused_actor_loss_rejects_what_it_cannot_compute():
 def test_readme_verl_snippet():
     """The README's verl lines: registered loss, mini-batch weights, fused actor loss. The fused Delta-L
     loss is checked against verl's own actor loss with seq-mean-token-sum and rescaled advantages."""
-    import importlib.util
-    import os
-
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.losses import ppo_loss
 
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "use_with_verl.py")
-    spec = importlib.util.spec_from_file_location("use_with_verl", path)
-    snippet = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(snippet)
+    snippet = load_example("use_with_verl")
     assert get_policy_loss_fn("delta-l") is not None
 
     data, logits = micro_batch(5, kl=False, dtype=torch.float32)  # float32: the snippet runs dk's default backend
