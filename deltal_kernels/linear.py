@@ -40,7 +40,7 @@ from ._checks import describe
 from .dispatch import _load, resolve_backend, weighted_sum
 from .loss import kernel_output, objective_output
 from .output import PolicyLossOutput
-from .validation import LOGITS_DTYPES, prepare
+from .validation import check_matrix, prepare
 
 # default byte budget of the [C, V] chunk buffer, per device type
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
@@ -64,12 +64,7 @@ class _LogitsShape(torch.Tensor):
 
 def check_linear(hidden, weight, bias):
     """Check hidden [N, H], weight [V, H] and bias [V] (names in every error); returns (N, H, V)."""
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"hidden: expected a tensor [N, H], got {describe(hidden)}")
-    if hidden.dim() != 2:
-        raise ValueError(f"hidden: expected shape [N, H], got {describe(hidden)}")
-    if hidden.dtype not in LOGITS_DTYPES:
-        raise TypeError(f"hidden: expected float32, float16, bfloat16 or float64, got {hidden.dtype}")
+    check_matrix("hidden", hidden, "[N, H]")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a tensor [V, H], got {describe(weight)}")
     N, H = hidden.shape

@@ -73,6 +73,16 @@ def compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
+def check_matrix(name, x, dims):
+    """x: a 2-D tensor of a dtype the kernels take (logits, hidden states); dims names the shape, e.g. "[N, V]"."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor {dims}, got {describe(x)}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected shape {dims}, got {describe(x)}")
+    if x.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
 def _check_tensor(name, x, *, shape, dtypes, device, kind="float"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {describe(x)}")
@@ -199,12 +209,7 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
             rollout_correction=None, rollout_clip=(None, 3.0), kl_entropy_agg=None,
             kl_entropy_weights=None) -> Batch:
     """Check every argument (SPEC section 3) and build the row-level view of the batch."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits: expected a tensor, got {describe(logits)}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits: expected shape [N, V], got {describe(logits)}")
-    if logits.dtype not in LOGITS_DTYPES:
-        raise TypeError(f"logits: expected float32, float16, bfloat16 or float64, got {logits.dtype}")
+    check_matrix("logits", logits, "[N, V]")
     N, V = logits.shape
     if V == 0:
         raise ValueError("logits: the vocabulary dimension V is 0")
