@@ -269,6 +269,11 @@ __device__ __forceinline__ uint64_t policy_for() {
   return 0;
 }
 
+// The output operands %0-%15 of a four-packet load: r[0].x ... r[3].w
+#define DK_FOUR_PACKETS(r)                                                                                    \
+  "=r"(r[0].x), "=r"(r[0].y), "=r"(r[0].z), "=r"(r[0].w), "=r"(r[1].x), "=r"(r[1].y), "=r"(r[1].z), "=r"(r[1].w), \
+      "=r"(r[2].x), "=r"(r[2].y), "=r"(r[2].z), "=r"(r[2].w), "=r"(r[3].x), "=r"(r[3].y), "=r"(r[3].z), "=r"(r[3].w)
+
 // kUnroll (4) packets p, p + STRIDE, p + 2 STRIDE, p + 3 STRIDE in one asm statement, so all four
 // loads are issued before the first is consumed (ptxas otherwise spreads them over the loop body).
 template <Load L, int STRIDE>
@@ -281,9 +286,7 @@ __device__ __forceinline__ void load_packets4(const uint4* p, uint64_t policy, u
         "ld.global.nc.v4.u32 {%4, %5, %6, %7}, [%16 + %17];\n\t"
         "ld.global.nc.v4.u32 {%8, %9, %10, %11}, [%16 + %18];\n\t"
         "ld.global.nc.v4.u32 {%12, %13, %14, %15}, [%16 + %19];"
-        : "=r"(r[0].x), "=r"(r[0].y), "=r"(r[0].z), "=r"(r[0].w), "=r"(r[1].x), "=r"(r[1].y), "=r"(r[1].z),
-          "=r"(r[1].w), "=r"(r[2].x), "=r"(r[2].y), "=r"(r[2].z), "=r"(r[2].w), "=r"(r[3].x), "=r"(r[3].y),
-          "=r"(r[3].z), "=r"(r[3].w)
+        : DK_FOUR_PACKETS(r)
         : "l"(p), "n"(B), "n"(2 * B), "n"(3 * B));
   } else {
     asm volatile(
@@ -291,9 +294,7 @@ __device__ __forceinline__ void load_packets4(const uint4* p, uint64_t policy, u
         "ld.global.L2::cache_hint.v4.u32 {%4, %5, %6, %7}, [%16 + %17], %20;\n\t"
         "ld.global.L2::cache_hint.v4.u32 {%8, %9, %10, %11}, [%16 + %18], %20;\n\t"
         "ld.global.L2::cache_hint.v4.u32 {%12, %13, %14, %15}, [%16 + %19], %20;"
-        : "=r"(r[0].x), "=r"(r[0].y), "=r"(r[0].z), "=r"(r[0].w), "=r"(r[1].x), "=r"(r[1].y), "=r"(r[1].z),
-          "=r"(r[1].w), "=r"(r[2].x), "=r"(r[2].y), "=r"(r[2].z), "=r"(r[2].w), "=r"(r[3].x), "=r"(r[3].y),
-          "=r"(r[3].z), "=r"(r[3].w)
+        : DK_FOUR_PACKETS(r)
         : "l"(p), "n"(B), "n"(2 * B), "n"(3 * B), "l"(policy));
   }
 }
