@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <cstdint>
 #include <cstdlib>
 #include <sstream>
@@ -741,13 +742,23 @@ struct DeviceFacts {
   int major;  // compute capability
 };
 
-DeviceFacts current_device_facts() {
-  int device = 0, sms = 0, l2 = 0, major = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
+DeviceFacts device_facts(int device) {
+  int sms = 0, l2 = 0, major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   return {std::max(sms, 1), l2 > 0 ? l2 : (int64_t{40} << 20), major};
+}
+
+// The current device's facts, queried once per device (a launch asks for them up to three times).
+DeviceFacts current_device_facts() {
+  static std::once_flag queried[kMaxDevices];
+  static DeviceFacts facts[kMaxDevices];
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= kMaxDevices) return device_facts(device);
+  std::call_once(queried[device], [device] { facts[device] = device_facts(device); });
+  return facts[device];
 }
 
 // Launch units (blocks, or clusters) of a fused kernel (README: the schedule): at most the resident
