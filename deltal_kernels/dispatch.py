@@ -172,6 +172,7 @@ def _backward(ctx, d_logp, d_entropy, d_lse, d_loss, d_dlogp, d_kl, d_flags):
     if d_loss is None:
         return (None,) * 16
     check_first_order()
+    check_logits_kept(ctx)
     logits, targets, lse, entropy, dlogp = ctx.saved_tensors
     grad = _logits_grad(ctx, logits, targets, lse, entropy, d_loss * dlogp, d_loss * -ctx.entropy_coef)
     return (None, grad) + (None,) * 14
@@ -182,6 +183,7 @@ def _logits_grad(ctx, logits, targets, lse, entropy, g, h):
     (no [N, V] allocation: their values are gone), else into a new tensor."""
     if ctx.inplace:
         rows_grad_(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
+        ctx.logits_overwritten = True
         return logits
     return rows_grad(ctx.backend, logits, targets, lse, entropy, g, h, ctx.temperature)
 
@@ -223,6 +225,7 @@ def _stats_setup_context(ctx, inputs, output):
 
 def _stats_backward(ctx, d_logp, d_entropy, d_lse):
     check_first_order()
+    check_logits_kept(ctx)
     logits, targets, lse, entropy = ctx.saved_tensors
     g = d_logp if d_logp is not None else torch.zeros_like(lse)
     h = d_entropy if d_entropy is not None else torch.zeros_like(lse)
@@ -249,6 +252,7 @@ def rows_forward_fused(backend: str, logits: Tensor, targets: Tensor, scored: Te
                        temperature: float, need_entropy: bool
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     params = LossParams(clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef, temperature)
+    logits = logits.contiguous()  # a strided caller's tensor: this copy lives for the launch only
     grad = torch.empty_like(logits)
     logp, entropy, lse, loss_rows, dlogp, kl, flags = _load(backend).forward_grad_rows(
         logits, targets, scored, old_logprobs, ref_logprobs, advantages, params, need_entropy, row_weights, 1.0, grad)
@@ -260,7 +264,7 @@ def _(backend, logits, targets, scored, old_logprobs, ref_logprobs, advantages, 
       dual_clip, kl_coef, kl_type, entropy_coef, temperature, need_entropy):
     row = lambda: torch.empty_like(old_logprobs)  # noqa: E731
     return (old_logprobs.new_empty(()), row(), row(), row(), torch.empty_like(scored, dtype=torch.uint8), row(),
-            row(), torch.empty_like(logits))
+            row(), torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -295,7 +299,7 @@ def _fused_backward(ctx, d_loss, *_):
     targets, lse, entropy, dlogp, row_weights = ctx.saved_tensors
     g = (d_loss * row_weights) * dlogp
     h = (d_loss * row_weights) * -ctx.entropy_coef
-    grad = rows_grad(ctx.backend, logits.detach(), targets, lse, entropy, g, h, ctx.temperature)
+    grad = rows_grad(ctx.backend, logits.detach().contiguous(), targets, lse, entropy, g, h, ctx.temperature)
     return (None, grad) + (None,) * 14
 
 
@@ -314,6 +318,16 @@ def scale_(grad: Tensor, scale: Tensor) -> None:
         return
     from . import grad_scale  # Triton, imported on first use
     grad_scale.scale_on_device_(grad, scale)
+
+
+def check_logits_kept(ctx) -> None:
+    """A backward after an in-place one finds the gradient where the logits were: say so, not autograd's
+    generic "modified by an inplace operation"."""
+    if getattr(ctx, "logits_overwritten", False):
+        raise RuntimeError(
+            "inplace_backward: the first backward through this policy loss wrote the gradient into the logits' "
+            "storage, so a second backward (retain_graph=True) has no logits to read. Call backward once, or "
+            "pass inplace_backward=False.")
 
 
 def check_first_order() -> None:

@@ -25,12 +25,17 @@ The forward computes the gradients of the loss itself (seed 1); the backward mul
 the incoming d_loss in float32 on the device (no host sync). Gradients are first order: a
 ``create_graph=True`` backward through the op raises.
 
+Under ``torch.autocast`` the head's matmuls run in the autocast dtype, as ``F.linear`` would run
+them there (``head_dtype``): hidden, weight and bias are cast to it (the weight once per call), the
+logits and dL/dlogits chunks hold it, and each input's gradient comes back in its own dtype.
+
 ``validation.prepare`` checks every argument; it is handed a data-less stand-in for the logits
 (``_LogitsShape``: the right shape, dtype and device, no storage), so the same checks and row view
 serve both ops without an [N, V] allocation.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -62,16 +67,35 @@ class _LogitsShape(torch.Tensor):
         raise RuntimeError(f"deltal_kernels internal error: {func} on the logits stand-in, which holds no data")
 
 
+def head_dtype(hidden) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs ``F.linear(hidden, ...)`` in, or None outside autocast (or where
+    autocast leaves the inputs as they are: float64)."""
+    dev = hidden.device.type
+    if hidden.dtype == torch.float64 or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
 def check_linear(hidden, weight, bias):
-    """Check hidden [N, H], weight [V, H] and bias [V] (names in every error); returns (N, H, V)."""
+    """Check hidden [N, H], weight [V, H] and bias [V] (names in every error); returns (N, H, V).
+
+    Outside autocast the three share one dtype; under autocast each is cast to the autocast dtype,
+    as ``F.linear`` does, so float32/float16/bfloat16 may mix (float64 may not)."""
     check_matrix("hidden", hidden, "[N, H]")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a tensor [V, H], got {describe(weight)}")
     N, H = hidden.shape
     if weight.dim() != 2 or weight.shape[1] != H:
         raise ValueError(f"weight: expected shape [V, H={H}] (nn.Linear layout), got {describe(weight)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: expected the hidden states' dtype {hidden.dtype}, got {weight.dtype}")
+    amp = head_dtype(hidden) is not None
+
+    def same_dtype(name, x):
+        if x.dtype == hidden.dtype or (amp and x.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+            return
+        raise TypeError(f"{name}: expected the hidden states' dtype {hidden.dtype}, got {x.dtype}"
+                        + ("" if amp else " (only under torch.autocast may they differ: both are then cast)"))
+
+    same_dtype("weight", weight)
     if weight.device != hidden.device:
         raise ValueError(f"weight: expected a tensor on {hidden.device} (the hidden states' device), "
                          f"got one on {weight.device}")
@@ -83,8 +107,7 @@ def check_linear(hidden, weight, bias):
             raise TypeError(f"bias: expected None or a tensor [V], got {describe(bias)}")
         if tuple(bias.shape) != (V,):
             raise ValueError(f"bias: expected shape [V]=({V},), got {describe(bias)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias: expected the hidden states' dtype {hidden.dtype}, got {bias.dtype}")
+        same_dtype("bias", bias)
         if bias.device != hidden.device:
             raise ValueError(f"bias: expected a tensor on {hidden.device}, got one on {bias.device}")
     return N, H, V
@@ -130,20 +153,47 @@ def _add_weight_grad(acc, dlogits, hidden_c, block_rows):
 class _Prepared:
     """Everything the chunk loop needs, computed once by ``linear_policy_loss``."""
 
-    def __init__(self, batch, name, chunk_rows, need_grads, accumulate):
+    def __init__(self, batch, name, chunk_rows, need_grads, accumulate, dtype):
         self.b = batch
         self.backend = name
         self.chunk_rows = chunk_rows
         self.need_hidden, self.need_weight, self.need_bias = need_grads
         self.accumulate = accumulate
+        self.dtype = dtype  # of the matmuls and the logits chunks: the inputs', or autocast's
 
 
+def head_operands(weight, bias, dtype):
+    """weight and bias detached and in the matmuls' dtype (a copy only under autocast)."""
+    return weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+
+
+def _rows_grad_into(grad_hidden, dlogits, weight, sl, idx):
+    """grad_hidden[rows] = dlogits @ weight, cast to grad_hidden's dtype where autocast made them differ."""
+    if idx is None and grad_hidden.dtype == dlogits.dtype:
+        torch.mm(dlogits, weight, out=grad_hidden[sl])
+    elif idx is None:
+        grad_hidden[sl] = torch.mm(dlogits, weight)
+    else:
+        grad_hidden.index_copy_(0, idx, torch.mm(dlogits, weight).to(grad_hidden.dtype))
+
+
+def _autocast_off(fn):
+    """The chunk loops pick their matmuls' dtype themselves (``prep.dtype``): autocast must not recast them."""
+    @functools.wraps(fn)
+    def run(*args):
+        device_type = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    return run
+
+
+@_autocast_off
 def _run_chunks(hidden, weight, bias, prep: _Prepared):
     """The chunk loop. Returns the [N] row outputs and the gradients of the loss (seed 1) that were asked for."""
     b = prep.b
     N, H = hidden.shape
     V = weight.shape[0]
-    dev, dtype = hidden.device, hidden.dtype
+    dev, dtype = hidden.device, prep.dtype
     cd = b.old_logprobs.dtype
     module = _load(prep.backend)
     fused = hasattr(module, "forward_grad_rows")
@@ -174,8 +224,7 @@ def _run_chunks(hidden, weight, bias, prep: _Prepared):
     C = min(prep.chunk_rows, max(R, 1))
     buffer = torch.empty((C, V), dtype=dtype, device=dev) if R else None
     block_rows = max(1, min(V, (C * V) // (4 * max(H, 1))))  # half-precision dW temporaries <= 1/4 of the buffer
-    weight_d = weight.detach()
-    bias_d = None if bias is None else bias.detach()
+    weight_d, bias_d = head_operands(weight, bias, dtype)
     hidden_d = hidden.detach()
 
     for start in range(0, R, C):
@@ -183,11 +232,11 @@ def _run_chunks(hidden, weight, bias, prep: _Prepared):
         c = end - start
         if all_scored:
             idx = None
-            hid = hidden_d[start:end]
+            hid = hidden_d[start:end].to(dtype)
             sl = slice(start, end)
         else:
             idx = rows[start:end]
-            hid = hidden_d.index_select(0, idx)
+            hid = hidden_d.index_select(0, idx).to(dtype)
             sl = idx
         logits = chunk_logits(hid, weight_d, bias_d, buffer[:c])
         targets = b.targets[sl]
@@ -209,10 +258,7 @@ def _run_chunks(hidden, weight, bias, prep: _Prepared):
             continue
         dlogits = logits  # the chunk now holds dL/dlogits (unweighted rows are exact zeros)
         if prep.need_hidden:
-            if idx is None:
-                torch.mm(dlogits, weight_d, out=grad_hidden[sl])
-            else:
-                grad_hidden.index_copy_(0, idx, torch.mm(dlogits, weight_d))
+            _rows_grad_into(grad_hidden, dlogits, weight_d, sl, idx)
         if prep.need_weight:
             _add_weight_grad(grad_weight, dlogits, hid, block_rows)
         if prep.need_bias:
@@ -252,6 +298,7 @@ class _LinearPolicyLossFn(torch.autograd.Function):
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.accumulate = prep.accumulate
+        ctx.backward_calls = 0
         ctx.rows_per_step = max(1, (16 << 20) // (4 * max(hidden.shape[1], 1)))
         return loss, logp, entropy, kl, flags
 
@@ -260,6 +307,12 @@ class _LinearPolicyLossFn(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("linear_policy_loss: double backward is not supported (its gradients are first "
                                "order); call backward without create_graph=True")
+        ctx.backward_calls += 1
+        if ctx.accumulate and ctx.backward_calls > 1:
+            raise RuntimeError("accumulate_weight_grad: the weight's gradient was added to weight.grad once, in "
+                               "the forward; a second backward through the same graph (retain_graph=True) would "
+                               "add hidden's and bias's gradients again but not the weight's. Call backward once, "
+                               "or pass accumulate_weight_grad=False.")
         return _LinearPolicyLossFn._first_order(ctx, d_loss)
 
     @staticmethod
@@ -304,6 +357,7 @@ class _LinearStatsFn(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, hidden, weight, bias, prep):
         b = prep.b
         N, V = hidden.shape[0], weight.shape[0]
@@ -314,10 +368,11 @@ class _LinearStatsFn(torch.autograd.Function):
         zeros = torch.zeros(N, dtype=cd, device=hidden.device)
         params = b.params._replace(kl_type=0, kl_coef=0.0, entropy_coef=0.0)  # statistics only
         C = min(prep.chunk_rows, max(int(b.scored.sum()), 1))
-        buffer = torch.empty((C, V), dtype=hidden.dtype, device=hidden.device)
-        hd, wd, bd = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
+        buffer = torch.empty((C, V), dtype=prep.dtype, device=hidden.device)
+        hd = hidden.detach()
+        wd, bd = head_operands(weight, bias, prep.dtype)
         for sl, idx in _chunk_rows_iter(b, C):
-            hid = hd[sl] if idx is None else hd.index_select(0, idx)
+            hid = (hd[sl] if idx is None else hd.index_select(0, idx)).to(prep.dtype)
             logits = chunk_logits(hid, wd, bd, buffer[:hid.shape[0]])
             lp, ent, ls, *_ = module.forward_rows(logits, b.targets[sl], b.scored[sl], zeros[sl], None, zeros[sl],
                                                   params, b.need_entropy)
@@ -336,6 +391,7 @@ class _LinearStatsFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @_autocast_off
     def _first_order(ctx, d_logp, d_entropy):
         hidden, weight, bias, lse, entropy = ctx.saved_tensors
         prep = ctx.prep
@@ -346,28 +402,39 @@ class _LinearStatsFn(torch.autograd.Function):
         g, h = torch.where(b.scored, g, 0.0).to(lse.dtype), torch.where(b.scored, h, 0.0).to(lse.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         V, H = weight.shape
-        cdt = torch.promote_types(hidden.dtype, torch.float32)
+        cdt = torch.promote_types(prep.dtype, torch.float32)
         gh = torch.zeros_like(hidden) if need_h else None
         gw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
         gb = torch.zeros(V, dtype=cdt, device=weight.device) if need_b and bias is not None else None
         C = min(prep.chunk_rows, max(int(b.scored.sum()), 1))
-        buffer = torch.empty((C, V), dtype=hidden.dtype, device=hidden.device)
+        buffer = torch.empty((C, V), dtype=prep.dtype, device=hidden.device)
         block_rows = max(1, min(V, (C * V) // (4 * max(H, 1))))
+        wd, bd = head_operands(weight, bias, prep.dtype)
         for sl, idx in _chunk_rows_iter(b, C):
-            hid = hidden[sl] if idx is None else hidden.index_select(0, idx)
-            logits = chunk_logits(hid, weight, bias, buffer[:hid.shape[0]])
+            hid = (hidden[sl] if idx is None else hidden.index_select(0, idx)).to(prep.dtype)
+            logits = chunk_logits(hid, wd, bd, buffer[:hid.shape[0]])
             module.grad_rows(logits, b.targets[sl], lse[sl], entropy[sl], g[sl], h[sl], b.params.temperature, logits)
             if gh is not None:
-                if idx is None:
-                    torch.mm(logits, weight, out=gh[sl])
-                else:
-                    gh.index_copy_(0, idx, torch.mm(logits, weight))
+                _rows_grad_into(gh, logits, wd, sl, idx)
             if gw is not None:
                 _add_weight_grad(gw, logits, hid, block_rows)
             if gb is not None:
                 gb += logits.sum(0, dtype=gb.dtype)
         return (gh, None if gw is None else gw.to(weight.dtype),
                 None if gb is None else gb.to(bias.dtype), None)
+
+
+def check_accumulate(weight):
+    """accumulate_weight_grad=True adds to weight.grad in the forward: refused where that forward is not
+    followed by exactly one backward of its own graph."""
+    if not weight.is_leaf:
+        raise ValueError("weight: accumulate_weight_grad=True needs a leaf weight (its .grad is accumulated into)")
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        # non-reentrant activation checkpointing runs the forward again inside the backward
+        raise RuntimeError("accumulate_weight_grad: saved-tensor hooks are active (activation checkpointing or "
+                           "offloading): a checkpointed forward runs again in the backward and would add the "
+                           "weight's gradient twice. Call linear_policy_loss outside the checkpointed region, or "
+                           "pass accumulate_weight_grad=False.")
 
 
 def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seqlens, *, bias=None, loss_mask=None,
@@ -397,27 +464,28 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
     on the device).
     """
     N, H, V = check_linear(hidden, weight, bias)
-    stand_in = _LogitsShape(N, V, hidden.dtype, hidden.device)
+    dtype = head_dtype(hidden) or hidden.dtype
+    stand_in = _LogitsShape(N, V, dtype, hidden.device)
     b = prepare(stand_in, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
                 ref_logprobs=ref_logprobs, weights=weights, agg=agg, alpha=alpha, max_len=max_len,
                 clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type,
                 entropy_coef=entropy_coef, temperature=temperature, with_entropy=with_entropy,
                 ratio_level=ratio_level, objective=objective, rollout_logprobs=rollout_logprobs,
                 rollout_correction=rollout_correction, rollout_clip=rollout_clip, kl_entropy_agg=kl_entropy_agg,
-                kl_entropy_weights=kl_entropy_weights)
+                kl_entropy_weights=kl_entropy_weights, rows="the hidden states")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
     if not isinstance(accumulate_weight_grad, bool):
         raise TypeError(f"accumulate_weight_grad: expected a bool, got {accumulate_weight_grad!r}")
-    name = check_backend(backend, hidden.device, hidden.dtype)
-    C = resolve_chunk_rows(chunk_rows, V, hidden.dtype, hidden.device)
+    name = check_backend(backend, hidden.device, dtype)
+    C = resolve_chunk_rows(chunk_rows, V, dtype, hidden.device)
 
     grad_on = torch.is_grad_enabled()
     need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
-    if accumulate_weight_grad and need[1] and not weight.is_leaf:
-        raise ValueError("weight: accumulate_weight_grad=True needs a leaf weight (its .grad is accumulated into)")
-    prep = _Prepared(b, name, C, need, accumulate_weight_grad and need[1])
+    if accumulate_weight_grad and need[1]:
+        check_accumulate(weight)
+    prep = _Prepared(b, name, C, need, accumulate_weight_grad and need[1], dtype)
     if not b.objective.is_default:
         # dL/dlogp_t needs every row's logp first: statistics pass, [N]-sized objective, recompute in backward
         if accumulate_weight_grad:

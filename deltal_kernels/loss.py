@@ -39,20 +39,22 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
     if not b.objective.is_default:
         # the kernels' statistics pass, the objective as [N]-sized torch ops (autograd gives dL/dlogp_t
         # and dL/dH_t), then the gradient kernel: the two-pass schedule
-        logp, entropy, _ = rows_stats(name, b.logits, b.targets, b.scored, p.temperature, b.need_entropy,
+        logp, entropy, _ = rows_stats(name, b.logits.contiguous(), b.targets, b.scored, p.temperature, b.need_entropy,
                                       inplace_backward)
         return objective_output(b, logp, entropy)
     if (logits.requires_grad and torch.is_grad_enabled() and not inplace_backward and has_fused_gradient(name)
             and not torch.compiler.is_compiling()):
         # the forward launch writes the gradient too: one read of the logits fewer. (Under torch.compile
         # the two-pass schedule runs: its backward folds a loss scale into the row factors for free.)
+        # The op takes the caller's logits as they are (strided ones are made contiguous inside it and
+        # that copy is freed): a repeated backward recomputes from the tensor the caller holds.
         loss, logp, entropy, kl, flags, *_ = rows_forward_fused(
             name, b.logits, b.targets, b.scored, b.old_logprobs, b.ref_logprobs, b.advantages, b.row_weights,
             p.clip_low, p.clip_high, p.dual_clip, p.kl_coef, p.kl_type, p.entropy_coef, p.temperature,
             b.need_entropy)
     else:
         logp, entropy, _, loss_rows, _, kl, flags = rows_forward(
-            name, b.logits, b.targets, b.scored, b.old_logprobs, b.ref_logprobs, b.advantages, p.clip_low,
+            name, b.logits.contiguous(), b.targets, b.scored, b.old_logprobs, b.ref_logprobs, b.advantages, p.clip_low,
             p.clip_high, p.dual_clip, p.kl_coef, p.kl_type, p.entropy_coef, p.temperature, b.need_entropy,
             inplace_backward)
         loss = weighted_sum(b.row_weights, loss_rows)
@@ -87,7 +89,7 @@ def _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, *, inpl
     b = prepare(logits, targets, old_logprobs, advantages, cu_seqlens, **options)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
-    if inplace_backward and b.logits is not logits:
+    if inplace_backward and not logits.is_contiguous():
         raise ValueError("inplace_backward: needs contiguous logits (the gradient is written into their storage)")
     name = resolve_backend(backend, logits.device)
     if name != "torch" and logits.dtype == torch.float64:

@@ -5,6 +5,7 @@ shapes, dtypes, devices and values are known to be valid.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -52,7 +53,7 @@ class Objective(NamedTuple):
 
 class Batch(NamedTuple):
     """A validated packed batch, seen row by row (unscored rows hold zeros in every row input)."""
-    logits: torch.Tensor  # [N, V], contiguous, its own dtype
+    logits: torch.Tensor  # [N, V], the caller's tensor (possibly strided: each path makes it contiguous)
     targets: torch.Tensor  # [N] int64
     scored: torch.Tensor  # [N] bool
     old_logprobs: torch.Tensor  # [N] compute dtype
@@ -83,7 +84,7 @@ def check_matrix(name, x, dims):
         raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}")
 
 
-def _check_tensor(name, x, *, shape, dtypes, device, kind="float"):
+def _check_tensor(name, x, *, shape, dtypes, device, kind="float", rows="the logits"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {describe(x)}")
     if tuple(x.shape) != tuple(shape):
@@ -91,7 +92,7 @@ def _check_tensor(name, x, *, shape, dtypes, device, kind="float"):
     if x.dtype not in dtypes:
         raise TypeError(f"{name}: expected a {kind} dtype ({', '.join(map(str, dtypes))}), got {x.dtype}")
     if x.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (the logits' device), got one on {x.device}")
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of {rows}), got one on {x.device}")
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -170,7 +171,8 @@ def check_objective(*, ratio_level, objective, rollout_logprobs, rollout_correct
                      kl_entropy_agg if kl_entropy_weights is None else "weights")
 
 
-def check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights, kl_entropy_weights) -> None:
+def check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights, kl_entropy_weights,
+                 rows="the logits") -> None:
     """The checks that read the tensors' values (SPEC section 3). Each costs a host sync, and under
     torch.compile they would break the graph: ``prepare`` runs them eagerly only, and
     ``deltal_kernels.validate`` runs them on demand (once, eagerly, before a compiled loop)."""
@@ -180,7 +182,7 @@ def check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights, kl_e
     if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
         raise ValueError("cu_seqlens: must be non-decreasing")
     if int(cu[-1]) != N:
-        raise ValueError(f"cu_seqlens: must end at N={N} (the number of logits rows), ends at {int(cu[-1])}")
+        raise ValueError(f"cu_seqlens: must end at N={N} (the number of rows of {rows}), ends at {int(cu[-1])}")
     if N > 0 and bool(((targets < 0) | (targets >= V)).any()):
         raise ValueError(f"targets: every target must lie in [0, V={V})")
     if not bool(advantages.isfinite().all()):
@@ -207,8 +209,11 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
             agg, alpha, max_len, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef,
             temperature, with_entropy, ratio_level="token", objective="ppo", rollout_logprobs=None,
             rollout_correction=None, rollout_clip=(None, 3.0), kl_entropy_agg=None,
-            kl_entropy_weights=None) -> Batch:
-    """Check every argument (SPEC section 3) and build the row-level view of the batch."""
+            kl_entropy_weights=None, rows="the logits") -> Batch:
+    """Check every argument (SPEC section 3) and build the row-level view of the batch.
+
+    rows: what the errors call the [N, ...] tensor the rows come from ("the hidden states" for the
+    fused LM head, whose logits the caller never sees)."""
     check_matrix("logits", logits, "[N, V]")
     N, V = logits.shape
     if V == 0:
@@ -217,25 +222,30 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens: expected a 1-D tensor [S+1], got {describe(cu_seqlens)}")
     S = cu_seqlens.numel() - 1
-    _check_tensor("cu_seqlens", cu_seqlens, shape=(S + 1,), dtypes=_INDICES, device=dev, kind="int32/int64")
-    _check_tensor("targets", targets, shape=(N,), dtypes=_INDICES, device=dev, kind="int32/int64")
-    _check_tensor("old_logprobs", old_logprobs, shape=(N,), dtypes=_FLOATS, device=dev)
+    check = functools.partial(_check_tensor, rows=rows)
+    check("cu_seqlens", cu_seqlens, shape=(S + 1,), dtypes=_INDICES, device=dev, kind="int32/int64")
+    check("targets", targets, shape=(N,), dtypes=_INDICES, device=dev, kind="int32/int64")
+    check("old_logprobs", old_logprobs, shape=(N,), dtypes=_FLOATS, device=dev)
     if ref_logprobs is not None:
-        _check_tensor("ref_logprobs", ref_logprobs, shape=(N,), dtypes=_FLOATS, device=dev)
+        check("ref_logprobs", ref_logprobs, shape=(N,), dtypes=_FLOATS, device=dev)
     if not isinstance(advantages, torch.Tensor) or advantages.dim() != 1 or advantages.shape[0] not in (N, S):
         raise ValueError(f"advantages: expected shape [N]={N} (per row) or [S]={S} (per sequence), "
                          f"got {describe(advantages)}")
-    _check_tensor("advantages", advantages, shape=advantages.shape, dtypes=_FLOATS, device=dev)
+    check("advantages", advantages, shape=advantages.shape, dtypes=_FLOATS, device=dev)
     if loss_mask is not None:
-        _check_tensor("loss_mask", loss_mask, shape=(N,), dtypes=_MASKS, device=dev, kind="bool, integer or float 0/1")
+        check("loss_mask", loss_mask, shape=(N,), dtypes=_MASKS, device=dev, kind="bool, integer or float 0/1")
     if weights is not None:
-        _check_tensor("weights", weights, shape=(S,), dtypes=_FLOATS, device=dev)
+        check("weights", weights, shape=(S,), dtypes=_FLOATS, device=dev)
     else:
         check_agg_options(agg, alpha, max_len)
     if rollout_logprobs is not None:
-        _check_tensor("rollout_logprobs", rollout_logprobs, shape=(N,), dtypes=_FLOATS, device=dev)
+        check("rollout_logprobs", rollout_logprobs, shape=(N,), dtypes=_FLOATS, device=dev)
     if kl_entropy_weights is not None:
-        _check_tensor("kl_entropy_weights", kl_entropy_weights, shape=(S,), dtypes=_FLOATS, device=dev)
+        check("kl_entropy_weights", kl_entropy_weights, shape=(S,), dtypes=_FLOATS, device=dev)
+    for name, w in (("weights", weights), ("kl_entropy_weights", kl_entropy_weights)):
+        if w is not None and logits.dtype == torch.float64 and w.dtype != torch.float64:
+            raise TypeError(f"{name}: float64 logits compute in float64, but these weights are {w.dtype} (already "
+                            "rounded); pass float64 weights, e.g. sequence_weights(..., dtype=torch.float64)")
     obj = check_objective(ratio_level=ratio_level, objective=objective, rollout_logprobs=rollout_logprobs,
                           rollout_correction=rollout_correction, rollout_clip=rollout_clip,
                           kl_entropy_agg=kl_entropy_agg, kl_entropy_weights=kl_entropy_weights,
@@ -248,7 +258,7 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
 
     # value checks need the data; under torch.compile they would break the graph, so they run eagerly only
     if not torch.compiler.is_compiling():
-        check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights, kl_entropy_weights)
+        check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights, kl_entropy_weights, rows)
     cu_seqlens = safe_offsets(cu_seqlens, N)
 
     cd = compute_dtype(logits)
@@ -266,7 +276,7 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
         return torch.where(scored, x.to(cd), zero)
 
     return Batch(
-        logits=logits.contiguous(),
+        logits=logits,
         targets=targets.to(torch.int64).contiguous(),
         scored=scored,
         old_logprobs=rows(old_logprobs),

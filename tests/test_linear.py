@@ -59,9 +59,12 @@ def make_linear(lengths, *, dtype=torch.float32, device="cpu", seed=0, mask_frac
     return {k: v.to(device) for k, v in batch.items()}, {k: None if v is None else v.to(device) for k, v in params.items()}
 
 
-def run_linear(batch, params, loss_scale=None, **options):
+def run_linear(batch, params, loss_scale=None, autocast=None, **options):
+    """The op's output and gradients; ``autocast``: the forward under torch.autocast in that dtype."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items() if v is not None}
-    out = dk.linear_policy_loss(leaves["hidden"], leaves["weight"], bias=leaves.get("bias"), **batch, **options)
+    device_type = leaves["hidden"].device.type
+    with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+        out = dk.linear_policy_loss(leaves["hidden"], leaves["weight"], bias=leaves.get("bias"), **batch, **options)
     loss = out.loss if loss_scale is None else out.loss * loss_scale
     grads = torch.autograd.grad(loss, list(leaves.values()))
     return out, dict(zip(leaves, grads))
@@ -88,10 +91,12 @@ def reference(batch, params, **options):
     return out, grads, bounds, float(logits.abs().max()) if logits.numel() else 0.0
 
 
-def assert_matches(batch, params, backend, **options):
-    dtype = params["hidden"].dtype
-    ref, ref_grads, bounds, zmax = reference(batch, params, **options)
-    out, grads = run_linear(batch, params, backend=backend, **options)
+def assert_matches(batch, params, backend, autocast=None, **options):
+    """Under ``autocast`` the reference is the head of F.linear under autocast: inputs cast to that dtype."""
+    dtype = autocast or params["hidden"].dtype  # the matmuls'
+    head = params if autocast is None else {k: None if v is None else v.to(autocast) for k, v in params.items()}
+    ref, ref_grads, bounds, zmax = reference(batch, head, **options)
+    out, grads = run_linear(batch, params, backend=backend, autocast=autocast, **options)
     assert out.loss.dtype == torch.float32 and out.logprobs.dtype == torch.float32
     # the row terms are float32 arithmetic on the same logits: the float32 bound of tests/cases.py
     f32 = 1e-5 + 4 * 2.0**-24 * zmax / options.get("temperature", 1.0)
@@ -104,7 +109,7 @@ def assert_matches(batch, params, backend, **options):
     K = {"hidden": V, "weight": batch["targets"].numel(), "bias": batch["targets"].numel()}
     for name, want in ref_grads.items():
         got = grads[name]
-        assert got.dtype == dtype and got.shape == params[name].shape, name
+        assert got.dtype == params[name].dtype and got.shape == params[name].shape, name
         gmax = float(want.abs().max()) if want.numel() else 0.0
         tol = (3 * ROUNDING[dtype] + f32 + K[name] * 2.0**-24) * bounds[name] + SMALLEST[dtype] + f32 * 1e-3 * gmax
         err = (got.double().cpu() - want).abs()
@@ -133,6 +138,25 @@ def test_dtypes_ragged_masked(backend, dtype):
     batch, params = make_linear([3, 0, 6, 2, 7], dtype=dtype, device=device, seed=2)
     assert_matches(batch, params, backend, chunk_rows=5, max_len=8, kl_coef=0.1, entropy_coef=0.01,
                    temperature=0.9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["default", "gspo"])
+def test_autocast_runs_the_head_in_the_autocast_dtype(backend, case):
+    """PyTorch's AMP recipe computes the loss inside the autocast block: float32 hidden and weight, the
+    head's matmuls in bfloat16 (as F.linear there), masked rows, each gradient in its input's dtype."""
+    device = backend_device(backend)
+    batch, params = make_linear(LENGTHS, device=device, seed=5)
+    assert not batch["loss_mask"].all()
+    assert_matches(batch, params, backend, autocast=torch.bfloat16, chunk_rows=4, **OPTIONS[case])
+
+
+def test_autocast_casts_mixed_input_dtypes_and_only_there():
+    batch, params = make_linear(LENGTHS, seed=6)
+    mixed = dict(params, hidden=params["hidden"].bfloat16())  # bfloat16 activations, float32 head
+    assert_matches(batch, mixed, "cpu", autocast=torch.bfloat16, max_len=16)
+    with pytest.raises(TypeError, match="weight: expected the hidden states' dtype.*torch.autocast"):
+        run_linear(batch, mixed, backend="cpu", max_len=16)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -218,6 +242,47 @@ def test_accumulate_weight_grad_into_dot_grad():
                                    accumulate_weight_grad=True)
     with pytest.raises(RuntimeError, match="scaled"):
         (scaled.loss * 0.5).backward()
+
+
+def test_accumulate_weight_grad_refuses_a_second_backward():
+    """The weight's gradient is added in the forward: a second backward would add the other gradients
+    again but not the weight's (hidden 2x, weight 1x)."""
+    batch, params = make_linear(LENGTHS, seed=12)
+    _, grads = run_linear(batch, params, backend="cpu", max_len=16)
+    hidden, weight = (params[k].clone().requires_grad_(True) for k in ("hidden", "weight"))
+    out = dk.linear_policy_loss(hidden, weight, bias=params["bias"], **batch, backend="cpu", max_len=16,
+                                accumulate_weight_grad=True)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="accumulate_weight_grad: .*second backward.*accumulate_weight_grad=False"):
+        out.loss.backward()
+    torch.testing.assert_close(hidden.grad, grads["hidden"])
+    torch.testing.assert_close(weight.grad, grads["weight"])
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["accumulator", "accumulate_weight_grad"])
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_gives_each_gradient_once(accumulate, reentrant):
+    """A checkpointed loss runs its forward again in the backward. The weight's gradient must come out
+    once: a second add into weight.grad (non-reentrant checkpointing runs the first forward with grad
+    on) is refused before anything is added; the reentrant form's first forward runs without grad."""
+    from torch.utils.checkpoint import checkpoint
+
+    batch, params = make_linear(LENGTHS, seed=13)
+    _, grads = run_linear(batch, params, backend="cpu", max_len=16)
+    hidden, weight = (params[k].clone().requires_grad_(True) for k in ("hidden", "weight"))
+
+    def loss_of(h):
+        return dk.linear_policy_loss(h, weight, bias=params["bias"], **batch, backend="cpu", max_len=16,
+                                     accumulate_weight_grad=accumulate).loss
+
+    if accumulate and not reentrant:
+        with pytest.raises(RuntimeError, match="accumulate_weight_grad: saved-tensor hooks.*checkpoint"):
+            checkpoint(loss_of, hidden, use_reentrant=False)
+        assert weight.grad is None
+        return
+    checkpoint(loss_of, hidden, use_reentrant=reentrant).backward()
+    torch.testing.assert_close(hidden.grad, grads["hidden"])
+    torch.testing.assert_close(weight.grad, grads["weight"])
 
 
 @pytest.mark.parametrize("objective", [{}, dict(ratio_level="sequence")], ids=["one-pass", "two-pass"])
@@ -333,6 +398,20 @@ def test_bad_input_names_the_argument():
         args.update(change)
         with pytest.raises(error, match=name):
             dk.linear_policy_loss(args.pop("hidden"), args.pop("weight"), **args)
+
+
+def test_errors_speak_of_the_hidden_states_not_of_logits_never_passed():
+    batch, params = make_linear(LENGTHS, seed=16)
+    N = batch["targets"].numel()
+    cases = [
+        dict(cu_seqlens=torch.tensor([0, 2, N + 1])),
+        dict(old_logprobs=batch["old_logprobs"].to("meta")),
+    ]
+    for change in cases:
+        args = dict(batch, **change)
+        with pytest.raises(ValueError) as error:
+            dk.linear_policy_loss(params["hidden"], params["weight"], max_len=16, **args)
+        assert "hidden states" in str(error.value) and "logits" not in str(error.value), str(error.value)
 
 
 def test_bench_linear_cli_runs_and_writes_results(tmp_path):

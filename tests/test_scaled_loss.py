@@ -117,3 +117,33 @@ def test_device_scale_kernel(dtype):
     same = x.clone()
     grad_scale.scale_on_device_(same, torch.tensor(1.0, device=device))
     assert torch.equal(same.view(torch.int8), x.view(torch.int8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", [{}, dict(objective="cispo")], ids=["ppo", "cispo"])
+def test_second_backward_through_strided_logits(backend, objective):
+    """Logits sliced to the real vocabulary of a padded head (logits[..., :V]) are strided: the op makes
+    its own contiguous copy, and a repeated backward must still find what the caller holds."""
+    batch, rest = batch_and_rest(backend, 47)
+    _, want = run(dk.policy_loss, batch, backend=backend, **OPTIONS, **objective)
+    padded = torch.nn.functional.pad(batch["logits"], (0, 24)).requires_grad_(True)  # a head padded to 1024
+    logits = padded[:, :1000]
+    assert not logits.is_contiguous()
+    loss = dk.policy_loss(logits, **rest, backend=backend, **OPTIONS, **objective).loss
+    loss.backward(retain_graph=True)
+    first = padded.grad.clone()
+    loss.backward()
+    assert torch.equal(first[:, :1000], want) and not first[:, 1000:].any()
+    assert torch.equal(padded.grad, first * 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", [{}, dict(objective="cispo")], ids=["ppo", "cispo"])
+def test_second_backward_after_an_inplace_one_is_a_clear_error(backend, objective):
+    batch, rest = batch_and_rest(backend, 48)
+    logits = batch["logits"].clone().requires_grad_(True) * 1.0
+    loss = dk.policy_loss(logits, **rest, backend=backend, inplace_backward=True, **OPTIONS, **objective).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace_backward: the first backward .* wrote the gradient into the "
+                                           "logits' storage.*pass inplace_backward=False"):
+        loss.backward()
