@@ -42,23 +42,38 @@ def check_agg_options(agg: str, alpha: float, max_len) -> str:
     return name
 
 
+def _is_sub_multiset(values: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Whether every value occurs in ``pool`` at least as often as in ``values`` (a bool tensor, no sync)."""
+    if values.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=values.device)
+    pool = torch.sort(pool.to(torch.int64)).values
+    distinct, counts = torch.unique(values.to(torch.int64), return_counts=True)
+    available = (torch.searchsorted(pool, distinct, right=True) - torch.searchsorted(pool, distinct))
+    return (available >= counts).all()
+
+
 def sequence_weights(lengths: torch.Tensor, agg: str = "delta-l", *, alpha: float = 1.0,
                      max_len: int | None = None, group=None, grad_reduction: str = "mean",
-                     rollout_lengths: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-sequence weights w_i ([S] float32) of the aggregation ``agg`` (SPEC section 1).
+                     rollout_lengths: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-sequence weights w_i ([S], torch's default dtype unless ``dtype``) of the aggregation ``agg``
+    (SPEC section 1).
 
     lengths: [S] integer tensor, the scored-token count L_i of each of this rank's sequences.
     Sequences with L_i = 0 get weight 0 and count nowhere (not in G, not in the sums).
     group: a torch.distributed process group; the statistics are all-reduced over it so the
     weights are those of the formula over every rank's sequences. grad_reduction="mean" (DDP and
     FSDP average gradients over ranks) then multiplies the weights by the group's size; "sum" does
-    not. Without a group there is no scaling. The arithmetic is float64; ``dtype`` is the result's.
+    not. Without a group there is no scaling. The arithmetic is float64; the result is rounded once to
+    ``dtype`` (default: ``torch.get_default_dtype()``, as torch's factory functions do). For float64
+    logits pass ``dtype=torch.float64``: ``policy_loss`` refuses less precise weights there.
 
     rollout_lengths: [S_R] the scored-token counts of the whole rollout batch R that ``lengths`` (one
     optimizer mini-batch k of it) was drawn from. The normaliser statistics are then R's, and the
     weights are scaled by B_R / B_k (the counts of sequences with L_i > 0 in R and in k): the Delta-L
     authors' scope, w_i = (B_R / B_k) L_i^-alpha / (M sum_{j in R} L_j^-alpha), where each mini-batch's
-    loss is divided by B_k M. With a group, R's statistics and B_k are all-reduced too.
+    loss is divided by B_k M. With a group, R's statistics and B_k are all-reduced too. The scored
+    lengths must be drawn from R: each nonzero value of ``lengths`` must occur in ``rollout_lengths``
+    at least as often (checked on every rank, eagerly; a failure on any rank raises on all of them).
     """
     name = check_agg_options(agg, alpha, max_len)
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1:
@@ -89,15 +104,24 @@ def sequence_weights(lengths: torch.Tensor, agg: str = "delta-l", *, alpha: floa
     # the normaliser statistics sum_j L_j^-alpha, sum_j L_j, G over the batch they are taken over (the
     # rollout batch R when given), and B_k (this batch's G, for the rollout scope), all-reduced as one tensor
     R = L if rollout_lengths is None else rollout_lengths.to(torch.float64)
-    stats = torch.stack([inverse_powers(R).sum(), R.sum(), (R > 0).sum().to(torch.float64),
-                         live.sum().to(torch.float64)])
+    stats = [inverse_powers(R).sum(), R.sum(), (R > 0).sum().to(torch.float64), live.sum().to(torch.float64)]
+    check_drawn = rollout_lengths is not None and not torch.compiler.is_compiling()
+    if check_drawn:  # ranks whose mini-batch is not drawn from their rollout batch: reduced with the rest
+        stats.append(torch.logical_not(_is_sub_multiset(lengths[lengths > 0], rollout_lengths)).to(torch.float64))
+    stats = torch.stack(stats)
     world = 1
     if group is not None:
         import torch.distributed as dist
 
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
         world = dist.get_world_size(group) if grad_reduction == "mean" else 1
-    sum_inv_pow, sum_len, num_live, num_live_k = stats.unbind()
+    if check_drawn and float(stats[4]) > 0:
+        raise ValueError(
+            f"rollout_lengths: on {int(stats[4])} rank(s) the mini-batch's scored lengths are not drawn from the "
+            "rollout batch (some length occurs more often in lengths than in rollout_lengths; an empty or all-zero "
+            "rollout_lengths holds none). Pass the scored lengths of the whole rollout batch this mini-batch was "
+            "split from, on each rank its own.")
+    sum_inv_pow, sum_len, num_live, num_live_k = stats[:4].unbind()
     if rollout_lengths is not None:  # B_R / B_k: one mini-batch's share of the rollout batch
         world = world * num_live / torch.where(num_live_k > 0, num_live_k, torch.ones_like(num_live_k))
 
@@ -115,4 +139,4 @@ def sequence_weights(lengths: torch.Tensor, agg: str = "delta-l", *, alpha: floa
     else:  # seq-mean-token-sum-norm (Dr. GRPO)
         w = torch.ones_like(L) / (safe(num_live) * max_len)
     w = torch.where(live, w * world, torch.zeros_like(w))
-    return w.to(dtype)
+    return w.to(torch.get_default_dtype() if dtype is None else dtype)

@@ -64,10 +64,30 @@ def test_no_live_sequence_gives_zero_weights():
     assert dk.sequence_weights(torch.tensor([], dtype=torch.long), "grpo").numel() == 0
 
 
-def test_weights_are_float32_and_grad_reduction_without_group_does_not_scale():
+def test_weights_follow_the_default_dtype_and_grad_reduction_without_group_does_not_scale():
     w = dk.sequence_weights(LENGTHS, "grpo")
     assert w.dtype == torch.float32
     assert torch.equal(w, dk.sequence_weights(LENGTHS, "grpo", grad_reduction="sum"))
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        w64 = dk.sequence_weights(LENGTHS, "delta-l", alpha=0.5, max_len=9)
+    finally:
+        torch.set_default_dtype(default)
+    want = [L ** -0.5 / (9 * sum(x ** -0.5 for x in LENGTHS.tolist() if x)) if L else 0.0 for L in LENGTHS.tolist()]
+    assert w64.dtype == torch.float64 and w64.tolist() == pytest.approx(want, rel=1e-15)
+
+
+def test_float64_logits_refuse_weights_rounded_to_float32():
+    """The float64 loss of a float64 user would silently be 6e-8 off with float32 weights."""
+    batch = make_batch([3, 4], 20, dtype=torch.float64, seed=3, mask_frac=0.0)
+    lengths = torch.tensor([3, 4])
+    for name in ("weights", "kl_entropy_weights"):
+        with pytest.raises(TypeError, match=f"{name}: float64 logits .*dtype=torch.float64"):
+            dk.policy_loss(**batch, **{name: dk.sequence_weights(lengths, "grpo")}, agg="grpo", backend="torch")
+    w = dk.sequence_weights(lengths, "grpo", dtype=torch.float64)
+    want = dk.reference.policy_loss(**batch, agg="grpo").loss
+    assert dk.policy_loss(**batch, weights=w, backend="torch").loss.item() == pytest.approx(want.item(), rel=1e-15)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.75])

@@ -116,6 +116,12 @@ def worker(rank, world, init_file):
             loss_of(plain, mine, weights=w).backward()
             dist.all_reduce(plain.weight.grad)
             torch.testing.assert_close(plain.weight.grad, expected_grad, rtol=0, atol=tol)
+        # (c) a mini-batch not drawn from its rollout batch on rank 0 only: every rank raises, none hangs
+        assert int(my_lengths.count_nonzero()) > 0
+        rollout = my_lengths[:0] if rank == 0 else my_lengths
+        with pytest.raises(ValueError, match=r"rollout_lengths: on 1 rank\(s\)"):
+            dk.sequence_weights(my_lengths, "delta-l", max_len=MAX_LEN, group=dist.group.WORLD,
+                                rollout_lengths=rollout)
         # no rank tears the group down while another still talks through it (gloo then aborted a
         # process now and then: "terminate called without an active exception")
         dist.barrier()

@@ -230,6 +230,20 @@ def test_authors_rollout_scope_two_mini_batches():
         dk.sequence_weights(k, "grpo", rollout_lengths=torch.tensor([1.5]))
 
 
+@pytest.mark.parametrize("rollout", [[], [0, 0, 0], [3, 5], [3, 3, 8, 4], [5, 2, 8, 4, 6]],
+                         ids=["empty", "all-zero", "too-few", "a-length-missing", "not-a-superset"])
+def test_rollout_lengths_must_hold_the_mini_batch(rollout):
+    """A mini-batch not drawn from the rollout batch would be weighted by B_R / B_k of unrelated counts
+    (an empty or all-zero R gave all-zero weights: a loss of 0, training silently stopped)."""
+    k = torch.tensor([3, 0, 5, 3])
+    with pytest.raises(ValueError, match="rollout_lengths: .*not drawn from the rollout batch"):
+        dk.sequence_weights(k, "delta-l", max_len=8, rollout_lengths=torch.tensor(rollout, dtype=torch.int64))
+    # a drawn mini-batch passes, whatever the order and the unscored sequences; so does an empty one
+    R = torch.tensor([5, 0, 3, 8, 3, 2])
+    assert dk.sequence_weights(k, "delta-l", max_len=8, rollout_lengths=R).count_nonzero() == 3
+    assert dk.sequence_weights(torch.tensor([0, 0]), "delta-l", max_len=8, rollout_lengths=R).tolist() == [0, 0]
+
+
 # ---- TRL 1.16's own _compute_loss ----------------------------------------------------------------
 
 

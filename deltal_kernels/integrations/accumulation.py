@@ -24,7 +24,7 @@ from ..aggregation import sequence_weights
 
 def accumulation_weights(micro_batch_lengths: Sequence[torch.Tensor], agg: str = "delta-l", *,
                          alpha: float = 1.0, max_len: int | None = None, group=None,
-                         grad_reduction: str = "mean", dtype: torch.dtype = torch.float32) -> List[torch.Tensor]:
+                         grad_reduction: str = "mean", dtype: torch.dtype | None = None) -> List[torch.Tensor]:
     """Weights of the whole optimizer batch, split back into one [S_k] tensor per micro-batch.
 
     micro_batch_lengths: for each micro-batch k, the [S_k] scored lengths of its sequences.
