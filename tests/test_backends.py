@@ -191,3 +191,20 @@ def test_no_nv_tensor_besides_the_gradient(backend, inplace):
         (grad,) = torch.autograd.grad(out.loss, logits)
     new = seen.storages - {logits.untyped_storage().data_ptr()}
     assert new == (set() if inplace else {grad.untyped_storage().data_ptr()})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("objective", [{}, dict(objective="cispo", entropy_coef=0.01)], ids=["ppo", "cispo"])
+def test_autocast_leaves_the_given_logits_as_they_are(backend, objective):
+    """The loss inside an autocast block (PyTorch's AMP recipe): the logits were made before, in
+    whatever dtype; the loss, log-probs and gradient are those of the logits as given, bit for bit."""
+    device = backend_device(backend)
+    batch = make_batch(LENGTHS, 300, device=device, seed=9)
+    _, want_grad = run(dk.policy_loss, batch, backend=backend, max_len=16, **objective)
+    want = dk.policy_loss(**batch, backend=backend, max_len=16, **objective)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        out, grad = run(dk.policy_loss, batch, backend=backend, max_len=16, **objective)
+        logp, _ = dk.token_logprobs(batch["logits"], batch["targets"], backend=backend)
+    assert out.loss.dtype == torch.float32 and torch.equal(out.loss, want.loss)
+    assert torch.equal(out.logprobs, want.logprobs) and torch.equal(grad, want_grad)
+    assert torch.equal(logp, dk.token_logprobs(batch["logits"], batch["targets"], backend=backend)[0])
