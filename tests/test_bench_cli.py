@@ -3,6 +3,7 @@ where its results go, its tables at 80 columns, its progress and load lines when
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import logging
@@ -133,16 +134,50 @@ def test_no_load_warning_on_an_idle_machine(monkeypatch):
     assert "load average at start: 0.25 0.50 0.75" in text and "warning" not in text
 
 
+def _git_toplevel(path: Path):
+    """The work tree of the git repository that holds path, or None (no repository, no git)."""
+    try:
+        r = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    except FileNotFoundError:
+        return None
+    return Path(r.stdout.strip()).resolve() if r.returncode == 0 else None
+
+
 def test_run_folders_are_git_ignored_and_never_reused(tmp_path, monkeypatch):
     monkeypatch.delenv(runs.RUNS_ENV, raising=False)
     root = runs.runs_root()
     assert root == ROOT / "bench" / "runs"
-    ignored = subprocess.run(["git", "check-ignore", "-q", str(root / "20260101T000000Z-cpu")], cwd=ROOT)
-    assert ignored.returncode == 0, "bench/runs/ is not in .gitignore"
+    # a copy without .git (the GPU machine's) cannot ask git; its .gitignore still lists the folder
+    assert "bench/runs/" in (ROOT / ".gitignore").read_text().splitlines()
+    if _git_toplevel(ROOT) == ROOT:
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(root / "20260101T000000Z-cpu")], cwd=ROOT)
+        assert ignored.returncode == 0, "git does not ignore bench/runs/"
     first = runs.run_folder("cpu", root=tmp_path)
     first.mkdir()
     second = runs.run_folder("cpu", root=tmp_path)
     assert second != first and second.parent == tmp_path and not second.exists()
+
+
+def test_run_folders_in_a_copy_without_git(tmp_path, monkeypatch):
+    """runs.py in a bare copy of the tree (no .git, as a GPU machine gets it): bench/runs/ there while
+    bench/ is writable; ./deltal-bench-runs/ when it is not, or outside a source tree."""
+    monkeypatch.delenv(runs.RUNS_ENV, raising=False)
+    copy = tmp_path / "copy"
+    (copy / "deltal_kernels" / "bench").mkdir(parents=True)
+    (copy / "bench").mkdir()
+    (copy / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    source = copy / "deltal_kernels" / "bench" / "runs.py"
+    source.write_text(Path(runs.__file__).read_text())
+    spec = importlib.util.spec_from_file_location("runs_in_a_copy", source)
+    copied = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copied)
+    assert not (copy / ".git").exists()
+    assert copied.runs_root() == copy / "bench" / "runs"
+    with monkeypatch.context() as m:  # a read-only tree (os.access, as root could write anyway)
+        m.setattr(os, "access", lambda path, mode: False)
+        assert copied.runs_root() == Path("deltal-bench-runs")
+    (copy / "pyproject.toml").unlink()  # site-packages: no source tree around the package
+    assert copied.runs_root() == Path("deltal-bench-runs")
 
 
 def _rows(gpu: bool):

@@ -131,8 +131,9 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, help=f"timed calls per implementation (default: {REPS}; --quick: {QUICK_REPS})")
     p.add_argument("--only", nargs="+", metavar="IMPL", help="run only these implementations (names as listed)")
     p.add_argument("--out", type=Path, help="folder for the JSON, CSV, PNG and markdown (default: a new run folder "
-                   f"<runs>/<UTC time>-<tag>/, <runs> = ${RUNS_ENV} or, in a clone, bench/runs/ (git-ignored), "
-                   "else ./deltal-bench-runs/); --out bench/results to update the committed results")
+                   f"<runs>/<UTC time>-<tag>/, <runs> = ${RUNS_ENV} or, in a source tree (a clone or a copy), "
+                   "bench/runs/ (git-ignored), else ./deltal-bench-runs/); --out bench/results to update the "
+                   "committed results")
     p.add_argument("--linear", action="store_true", help="the fused LM head instead (deltal_kernels/bench/linear.py): "
                    "dk.linear_policy_loss vs the materialised logits, the eager reference and Liger's chunked loss")
     p.add_argument("--H", type=int, nargs="+", help="hidden sizes (with --linear)")

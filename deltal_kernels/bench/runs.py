@@ -13,13 +13,15 @@ RUNS_ENV = "DELTAL_BENCH_RUNS"
 
 
 def runs_root() -> Path:
-    """Where run folders go: $DELTAL_BENCH_RUNS; else bench/runs/ of the clone the package is imported
-    from (git-ignored); else ./deltal-bench-runs/ (an installed package)."""
+    """Where run folders go: $DELTAL_BENCH_RUNS; else bench/runs/ (listed in .gitignore) of the source
+    tree the package is imported from, a clone or a copy without .git (as a GPU machine gets), when
+    bench/ there is writable; else ./deltal-bench-runs/ (an installed package, a read-only tree)."""
     if os.environ.get(RUNS_ENV):
         return Path(os.environ[RUNS_ENV])
-    clone = Path(__file__).resolve().parents[2]
-    if (clone / ".git").exists() and (clone / "bench").is_dir():
-        return clone / "bench" / "runs"
+    tree = Path(__file__).resolve().parents[2]
+    bench = tree / "bench"
+    if (tree / "pyproject.toml").is_file() and bench.is_dir() and os.access(bench, os.W_OK):
+        return bench / "runs"
     return Path("deltal-bench-runs")
 
 
