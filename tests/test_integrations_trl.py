@@ -249,11 +249,15 @@ PROMPTS = ["a b c", "a b c", "d e", "d e", "f g h i", "f g h i", "j k", "j k"]
 
 
 def fake_vllm_generation(trainer, seed):
-    """Replace the trainer's generation call by COMPLETIONS and perturbed log-probs of the current model."""
-    gen = torch.Generator().manual_seed(seed)
+    """Replace the trainer's generation call by COMPLETIONS and perturbed log-probs of the current model.
+
+    The noise is drawn afresh from `seed` at every call: each test that generates gets the same sampler
+    log-probs whichever tests ran before it (one generator kept across calls made a case's batch depend on
+    how many cases had generated before it in the process)."""
 
     def generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         assert len(prompt_ids) == len(COMPLETIONS)
+        gen = torch.Generator().manual_seed(seed)
         logprobs = []
         for prompt, completion in zip(prompt_ids, COMPLETIONS):
             ids = torch.tensor([list(prompt) + completion])
@@ -328,6 +332,22 @@ def test_vllm_importance_sampling_correction_equals_trl(vllm_pair, mode, loss_ty
     bounds = torch.tensor([b for b in clip if b is not None], dtype=values.dtype)
     at_bound = (values == 0) if mode.endswith("mask") else (values[:, None] == bounds).any(1)
     assert 0 < int(at_bound.sum()) < values.numel()
+
+
+def test_vllm_batch_does_not_depend_on_earlier_generations(vllm_pair):
+    """The batch of test_vllm_importance_sampling_correction_equals_trl is the same whichever of its cases ran
+    before (the module-scoped pair serves them all): a second generation gives the first one's sampler
+    log-probs, old log-probs and ratio exactly. Guards the order dependence of issue 19: the cases' loss can be
+    small enough (|loss| ~ 2e-3) for TRL's float32 rounding alone to exceed the 1e-6 relative tolerance."""
+    trl_trainer, _ = vllm_pair
+    attributes = dict(loss_type="grpo", vllm_importance_sampling_mode="token_mask",
+                      vllm_importance_sampling_clip_min=0.5, vllm_importance_sampling_clip_max=2.0)
+    with objective_of((trl_trainer,), **attributes):
+        first, second = (trl_trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS])
+                         for _ in range(2))
+    assert first.keys() == second.keys()
+    for key in ("sampling_per_token_logps", "old_per_token_logps", "importance_sampling_ratio", "advantages"):
+        torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 def test_vllm_correction_needs_the_sampling_logprobs(vllm_pair):
