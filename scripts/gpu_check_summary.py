@@ -153,10 +153,10 @@ def ncu_lines(out: Path):
 
 # ---- the summary ---------------------------------------------------------------------------------
 
-def summary(work: Path, out: Path, gpu: str, elapsed: int, budget: int, dry_run: bool) -> str:
+def summary(work: Path, out: Path, gpu: str, commit: str, elapsed: int, budget: int, dry_run: bool) -> str:
     steps = read_steps(work)
     bad = [s["name"] for s in steps if s["status"] in ("FAILED", "TIMEOUT")]
-    head = f"gpu_check {'DRY RUN ' if dry_run else ''}summary: GPU {gpu}, {elapsed} s of {budget} s"
+    head = f"gpu_check {'DRY RUN ' if dry_run else ''}summary: GPU {gpu}, commit {commit}, {elapsed} s of {budget} s"
     verdict = ("FAILED: " + ", ".join(bad)) if bad else ("all steps that ran passed" if steps else "no step ran")
     lines = [head, verdict, "-" * min(WIDTH, len(head) + 10)]
     for s in steps:
@@ -225,11 +225,12 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, required=True, help="the run's work folder (steps.tsv, <step>.log)")
     p.add_argument("--out", type=Path, required=True, help="the results folder (summary.txt is written there)")
     p.add_argument("--gpu", default="unknown")
+    p.add_argument("--commit", default="unknown", help="the commit checked, as gpu_check.sh found it")
     p.add_argument("--elapsed", type=int, default=0)
     p.add_argument("--budget", type=int, default=0)
     p.add_argument("--dry-run", action="store_true")
     a = p.parse_args(argv)
-    s = summary(a.work, a.out, a.gpu, a.elapsed, a.budget, a.dry_run)
+    s = summary(a.work, a.out, a.gpu, a.commit, a.elapsed, a.budget, a.dry_run)
     (a.out / "summary.txt").write_text(s)
     sys.stdout.write(s)
     return 0

@@ -18,11 +18,23 @@ ALL_STEPS = ["preflight", "build", "info", "clusters", "liger", "tests", "saniti
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
 
 
-def run_script(*args, env=None, timeout=600):
-    full_env = {k: v for k, v in os.environ.items() if k not in ("OUT", "PYTEST_ARGS", "REHEARSE")}
+def run_script(*args, env=None, timeout=600, script=SCRIPT):
+    unset = ("OUT", "PYTEST_ARGS", "REHEARSE", "GPU_CHECK_COMMIT")
+    full_env = {k: v for k, v in os.environ.items() if k not in unset}
     full_env.update({"PY": sys.executable, **(env or {})})
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=script.parent.parent)
+
+
+def git_commit(root: Path):
+    """The short commit id of the repository whose top is root; None without one (a copy, no git)."""
+    try:
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "--short", "HEAD"],
+                           capture_output=True, text=True)
+    except FileNotFoundError:
+        return None
+    lines = r.stdout.split()
+    return lines[1] if r.returncode == 0 and Path(lines[0]).resolve() == root.resolve() else None
 
 
 def test_list_says_which_steps_need_a_gpu():
@@ -59,6 +71,25 @@ def test_dry_run_writes_the_summary_and_log_into_out(tmp_path):
     # the commands it would run on the GPU machine: the suite with a per-test timeout, the sanitizers
     assert "-m pytest tests" in log and "compute-sanitizer --tool {memcheck racecheck synccheck}" in log
     assert "--quick --device cuda --out " + str(out) in log
+    # the commit checked: git's, or in a copy without .git (the GPU machine's) unknown, said so
+    commit = git_commit(ROOT) or "unknown (no git here, GPU_CHECK_COMMIT unset)"
+    assert log.splitlines()[1].startswith(f"repo {ROOT}, commit {commit}")
+    assert f"commit {commit}" in summary.splitlines()[0]
+
+
+def test_dry_run_in_a_copy_without_git_records_gpu_check_commit(tmp_path):
+    """The device tool's copy of the tree has no .git: the commit comes from GPU_CHECK_COMMIT."""
+    (tmp_path / "copy" / "scripts").mkdir(parents=True)
+    for name in ("gpu_check.sh", "gpu_check_summary.py"):
+        (tmp_path / "copy" / "scripts" / name).write_text((ROOT / "scripts" / name).read_text())
+    out = tmp_path / "results"
+    r = run_script("--dry-run", script=tmp_path / "copy" / "scripts" / "gpu_check.sh",
+                   env={"OUT": str(out), "REHEARSE": "none", "WHEELS": str(tmp_path), "GPU_CHECK_COMMIT": "abc1234",
+                        "GIT_CEILING_DIRECTORIES": str(tmp_path)})  # no repository above the copy either
+    assert r.returncode == 0, r.stdout + r.stderr
+    log = (out / "gpu-check.log").read_text()
+    assert f"repo {tmp_path / 'copy'}, commit abc1234 (GPU_CHECK_COMMIT, no git here)\n" in log
+    assert "commit abc1234 (GPU_CHECK_COMMIT, no git here)" in (out / "summary.txt").read_text()
 
 
 def test_dry_run_fails_when_a_rehearsal_fails(tmp_path):
@@ -114,6 +145,7 @@ def test_summary_reads_tests_sanitizers_bench_and_ncu(tmp_path):
         ",".join(f'"{v}"' for v in ["0", "11", "void deltal_kernels::cuda::forward_grad_kernel<c10::BFloat16, 256>"
                                     "(deltal_kernels::FusedPointers)", "3,123.5", "91.2", "23.4", "48.9"])]) + "\n")
     s = summarize(work, out)
+    assert s.startswith("gpu_check summary: GPU NVIDIA H200, commit abc1234, 470 s of 540 s\n")
     assert "FAILED: tests, sanitize" in s
     assert "2 failed, 250 passed, 7 skipped in 81 s" in s
     assert "tests/test_triton.py::test_fused[bf16]" in s
@@ -136,7 +168,8 @@ def test_summary_reads_tests_sanitizers_bench_and_ncu(tmp_path):
 
 def summarize(work, out):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_summary.py"), "--work", str(work),
-                        "--out", str(out), "--gpu", "NVIDIA H200", "--elapsed", "470", "--budget", "540"],
+                        "--out", str(out), "--gpu", "NVIDIA H200", "--commit", "abc1234", "--elapsed", "470",
+                        "--budget", "540"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     s = (out / "summary.txt").read_text()
