@@ -34,9 +34,9 @@
 #
 # GPU_CHECK_ASSUME_GPU=1 runs the real path on a machine without a GPU (with stand-ins for
 # compute-sanitizer and ncu on PATH): the rehearsal of the non-dry-run plumbing.
-# Environment: PY (default python3), OUT, GPU_CHECK_COMMIT (the commit to record where the tree has no
-# .git, e.g. the device tool's copy; else git's, or "unknown"), WHEELS (default wheels), BUDGET_S (default 540), MAX_JOBS
-# (default: the CPU count), TORCH_CUDA_ARCH_LIST (default: the GPU's capability, else 9.0),
+# Environment: PY (default python3), OUT, GPU_CHECK_COMMIT (the commit recorded where the tree has no
+# .git, as the device tool's copy; else git's, or "unknown"), WHEELS (default wheels), BUDGET_S
+# (default 540), MAX_JOBS (default: the CPU count), TORCH_CUDA_ARCH_LIST (default: the GPU's capability, else 9.0),
 # TEST_WORKERS (pytest-xdist workers, default 8; 0: none), TEST_TIMEOUT (per test, default 300 s),
 # PYTEST_ARGS, BENCH_ARGS, LOG_CAP_BYTES (default 1.5 MiB per step: the 10 stay under the 16 MiB a
 # file may have); in a dry run, REHEARSE: the steps rehearsed here ("all", the default, "none", or
@@ -119,11 +119,11 @@ LOG="$OUT/gpu-check.log"
 # as the device tool sends); else unknown, said so
 if [ "$(git -C "$ROOT" rev-parse --show-toplevel 2> /dev/null)" = "$(cd "$ROOT" && pwd -P)" ]; then
   COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo "none yet")
-  git -C "$ROOT" diff --quiet HEAD 2> /dev/null || COMMIT="$COMMIT with local changes"
+  git -C "$ROOT" diff --quiet HEAD 2> /dev/null || COMMIT="$COMMIT+local changes"
 elif [ -n "${GPU_CHECK_COMMIT:-}" ]; then
-  COMMIT="$GPU_CHECK_COMMIT (GPU_CHECK_COMMIT, no git here)"
+  COMMIT="$GPU_CHECK_COMMIT (GPU_CHECK_COMMIT)"
 else
-  COMMIT="unknown (no git here, GPU_CHECK_COMMIT unset)"
+  COMMIT="unknown (no .git, no GPU_CHECK_COMMIT)"
 fi
 {
   echo "gpu_check $(date -u +%FT%TZ) on $(hostname): $([ "$DRY_RUN" = 1 ] && echo 'DRY RUN, ')GPU: $GPU_NAME"
@@ -192,8 +192,8 @@ append_log() {  # append_log NAME STATUS
 }
 
 summarize() {
-  "$PY" "$ROOT/scripts/gpu_check_summary.py" --work "$WORK" --out "$OUT" --gpu "$GPU_NAME" --commit "$COMMIT" \
-    --elapsed $(($(date +%s) - START)) --budget "$BUDGET_S" $([ "$DRY_RUN" = 1 ] && echo --dry-run) \
+  "$PY" "$ROOT/scripts/gpu_check_summary.py" --work "$WORK" --out "$OUT" --gpu "$GPU_NAME" \
+    --commit "$COMMIT" --elapsed $(($(date +%s) - START)) --budget "$BUDGET_S" $([ "$DRY_RUN" = 1 ] && echo --dry-run) \
     > /dev/null 2>> "$WORK/summary-errors.log" || echo "gpu_check: the summary failed (see $WORK/summary-errors.log)" >&2
 }
 

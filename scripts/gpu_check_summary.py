@@ -156,7 +156,8 @@ def ncu_lines(out: Path):
 def summary(work: Path, out: Path, gpu: str, commit: str, elapsed: int, budget: int, dry_run: bool) -> str:
     steps = read_steps(work)
     bad = [s["name"] for s in steps if s["status"] in ("FAILED", "TIMEOUT")]
-    head = f"gpu_check {'DRY RUN ' if dry_run else ''}summary: GPU {gpu}, commit {commit}, {elapsed} s of {budget} s"
+    head = (f"gpu_check {'DRY RUN ' if dry_run else ''}summary: GPU {gpu}, commit {commit}, "
+            f"{elapsed} s of {budget} s")
     verdict = ("FAILED: " + ", ".join(bad)) if bad else ("all steps that ran passed" if steps else "no step ran")
     lines = [head, verdict, "-" * min(WIDTH, len(head) + 10)]
     for s in steps:
