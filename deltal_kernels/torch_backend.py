@@ -31,6 +31,21 @@ def _chunks(n: int, V: int):
         yield start, min(n, start + step)
 
 
+def _row_sums(x):
+    """x.sum(-1) for x [rows, V], each row summed whole by one thread: a row's bits do not depend on
+    the other rows, the thread count or the chunking.
+
+    PyTorch's CPU reduction gives each thread whole output elements, all summed by the same serial
+    loop, except when there is exactly one output element (and at least 32768 inputs): that one row is
+    then split across the threads and their partial sums added (TensorIterator's two-pass reduction),
+    which rounds differently. A lone row is therefore summed as two stride-0 copies of itself, which
+    takes the per-output path (with 1 thread, or 2 threads taking one copy each).
+    """
+    if x.shape[0] == 1:
+        return x.expand(2, -1).sum(-1)[:1]
+    return x.sum(-1)
+
+
 def row_terms(logp, entropy, old, ref, adv, p: LossParams):
     """Per-row loss l_t, dl_t/dlogp_t, kl_t and flags from logp_t and H_t (SPEC section 1).
 
@@ -93,12 +108,12 @@ def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages
         # log s - sum p (z - m) does not cancel two large numbers
         m = z.amax(-1, keepdim=True)
         zc = z - m
-        log_s = torch.logsumexp(zc, dim=-1)
+        log_s = torch.log(_row_sums(torch.exp(zc)))  # logsumexp(zc), as zc's maximum is 0
         lse[idx] = m.squeeze(1) + log_s
         logp[idx] = zc.gather(1, targets[idx, None]).squeeze(1) - log_s
         if need_entropy:  # p (z - m) is 0 where p = 0 (a -inf logit)
             probs = torch.exp(zc - log_s[:, None])
-            entropy[idx] = log_s - (probs * torch.where(zc.isneginf(), 0.0, zc)).sum(-1)
+            entropy[idx] = log_s - _row_sums(probs * torch.where(zc.isneginf(), 0.0, zc))
     loss, dlogp, kl, flags = row_terms(logp, entropy, old_logprobs, ref_logprobs, advantages, p)
     zero = torch.zeros((), dtype=dtype, device=logits.device)
     return (logp, entropy, lse, torch.where(scored, loss, zero), torch.where(scored, dlogp, zero),
