@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from .dispatch import _load
-from .linear import _LogitsShape, check_backend, check_linear, chunk_logits, resolve_chunk_rows
+from .linear import (_LogitsShape, check_backend, check_linear, chunk_logits, head_dtype, head_operands,
+                     resolve_chunk_rows)
 from .validation import prepare
 
 # the default fixed chunk shape of linear_token_logprobs: at most this many rows (fewer when the byte
@@ -26,7 +27,7 @@ from .validation import prepare
 FIXED_CHUNK_ROWS = 256
 
 
-def _prepare(logits, targets, temperature, with_entropy, loss_mask):
+def _prepare(logits, targets, temperature, with_entropy, loss_mask, rows="the logits"):
     """validation.prepare's checks of the arguments these functions share (logits may be a stand-in)."""
     N = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else 0
     dev = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
@@ -34,7 +35,8 @@ def _prepare(logits, targets, temperature, with_entropy, loss_mask):
     cu = torch.tensor([0, N], dtype=torch.int64, device=dev)
     return prepare(logits, targets, zeros, zeros, cu, loss_mask=loss_mask, ref_logprobs=None, weights=None,
                    agg="token-mean", alpha=1.0, max_len=None, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                   kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=temperature, with_entropy=with_entropy)
+                   kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=temperature, with_entropy=with_entropy,
+                   rows=rows)
 
 
 def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, loss_mask=None, backend="auto"):
@@ -49,8 +51,8 @@ def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, loss
     b = _prepare(logits, targets, temperature, with_entropy, loss_mask)
     name = check_backend(backend, logits.device, logits.dtype, arg="logits")
     with torch.no_grad():
-        logp, entropy, *_ = _load(name).forward_rows(b.logits.detach(), b.targets, b.scored, b.old_logprobs, None,
-                                                     b.advantages, b.params, b.need_entropy)
+        logp, entropy, *_ = _load(name).forward_rows(b.logits.detach().contiguous(), b.targets, b.scored,
+                                                     b.old_logprobs, None, b.advantages, b.params, b.need_entropy)
     return logp, (entropy if with_entropy else None)
 
 
@@ -60,12 +62,15 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
 
     hidden [N, H], weight [V, H] (nn.Linear layout), bias [V] or None. Rows outside ``loss_mask``
     never enter the matmul. Returns (logprobs [N], entropy [N] or None), detached, batch-invariant
-    for a given ``chunk_rows`` (see the module docstring).
+    for a given ``chunk_rows`` (see the module docstring). Under ``torch.autocast`` the matmuls run
+    in the autocast dtype, as ``F.linear`` would there.
     """
     N, H, V = check_linear(hidden, weight, bias)
-    b = _prepare(_LogitsShape(N, V, hidden.dtype, hidden.device), targets, temperature, with_entropy, loss_mask)
-    name = check_backend(backend, hidden.device, hidden.dtype)
-    C = resolve_chunk_rows(chunk_rows, V, hidden.dtype, hidden.device)
+    dtype = head_dtype(hidden) or hidden.dtype
+    b = _prepare(_LogitsShape(N, V, dtype, hidden.device), targets, temperature, with_entropy, loss_mask,
+                 rows="the hidden states")
+    name = check_backend(backend, hidden.device, dtype)
+    C = resolve_chunk_rows(chunk_rows, V, dtype, hidden.device)
     if chunk_rows is None:  # every chunk is padded to C rows: a small fixed shape wastes little on small batches
         C = min(C, FIXED_CHUNK_ROWS)
     module = _load(name)
@@ -76,14 +81,13 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     R = rows.numel()
     if R == 0:
         return logp, (entropy if with_entropy else None)
-    with torch.no_grad():
-        hid = torch.zeros((C, H), dtype=hidden.dtype, device=dev)  # fixed shape: padded with zero rows
-        logits = torch.empty((C, V), dtype=hidden.dtype, device=dev)
+    with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # the matmuls' dtype is chosen above
+        hid = torch.zeros((C, H), dtype=dtype, device=dev)  # fixed shape: padded with zero rows
+        logits = torch.empty((C, V), dtype=dtype, device=dev)
         tgt = torch.zeros(C, dtype=torch.int64, device=dev)
         scored = torch.zeros(C, dtype=torch.bool, device=dev)
         zero = torch.zeros(C, dtype=cd, device=dev)
-        weight_d = weight.detach()
-        bias_d = None if bias is None else bias.detach()
+        weight_d, bias_d = head_operands(weight, bias, dtype)
         for start in range(0, R, C):
             idx = rows[start:start + C]
             c = idx.numel()

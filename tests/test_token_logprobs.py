@@ -64,6 +64,23 @@ def test_token_logprobs_matches_float64(backend, dtype, temperature, masked):
     assert none is None and torch.equal(lp_only, llp)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_token_logprobs_under_autocast_are_the_autocast_heads(backend):
+    """Inside an autocast block the head runs in bfloat16, as F.linear would there: the log-probs are
+    those of the bfloat16 logits (masked rows included), not a crash or the float32 head's."""
+    device = backend_device(backend)
+    d = data(19, seed=3, device=device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(d["hidden"], d["weight"], d["bias"])
+        lp, ent = dk.linear_token_logprobs(d["hidden"], d["weight"], d["targets"], bias=d["bias"], with_entropy=True,
+                                           loss_mask=d["mask"], backend=backend, chunk_rows=8)
+    assert logits.dtype == torch.bfloat16
+    want_lp, want_ent = reference(logits, d["targets"], 1.0, d["mask"])
+    zmax = float(logits.abs().max())
+    close(lp, want_lp, zmax)
+    close(ent, want_ent, zmax)
+
+
 def test_float64_on_torch_backend_and_gradless():
     d = data(9, seed=2, dtype=torch.float64)
     hidden = d["hidden"].clone().requires_grad_(True)
