@@ -7,6 +7,7 @@ backend written in Python (the compiled backends carry the same formulas in thei
 """
 from __future__ import annotations
 
+import bisect
 from typing import Optional
 
 import torch
@@ -127,9 +128,20 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
     """
     N, V = logits.shape
     dtype = g.dtype
+    # From |lse| = 0.5 / eps (2^22 in float32) on, the spacing of lse is >= 0.5, comparable to log V:
+    # lse = m + log s has lost (part of) log s to rounding, and z - lse would misplace every p (p = 1 for
+    # V uniform logits of 1e30). Such rows, rare enough to be listed once (in order), get log p =
+    # (z - m) - log s from m and log s reduced again, as the forward's logp is; z is the forward's own
+    # rounded x / tau, so z - m is exact near the maximum at any temperature.
+    huge = (lse.abs() >= 0.5 / torch.finfo(dtype).eps).nonzero().squeeze(1).tolist()
     for start, end in _chunks(N, V):
         z = logits[start:end].to(dtype) / temperature
         log_p = z - lse[start:end, None]
+        redo = huge[bisect.bisect_left(huge, start):bisect.bisect_left(huge, end)]
+        if redo:
+            redo = torch.tensor(redo, device=z.device) - start
+            zc = z[redo] - z[redo].amax(-1, keepdim=True)
+            log_p[redo] = zc - torch.log(_row_sums(torch.exp(zc)))[:, None]
         probs = torch.exp(log_p)
         log_p = torch.where(log_p.isneginf(), 0.0, log_p)  # p log p is 0 where p = 0
         gc, hc = g[start:end, None], h[start:end, None]
