@@ -141,12 +141,16 @@ def test_scripts_are_deterministic():
         sys.path.remove(EXAMPLES)
     kw = dict(batch=16, max_len=3072, dims=4, draws=50, random_weightings=10, seed=3)
     assert variance_study.synthetic(**kw) == variance_study.synthetic(**kw)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    bases = [tiny_lm.pretrain_base(5, steps=5, max_len=16) for _ in range(2)]
-    for p, q in zip(bases[0].parameters(), bases[1].parameters()):
-        assert torch.equal(p, q)
-    cfg = dict(steps=3, prompts_per_step=4, group=4, max_len=16, lr=3e-3, micro_batches=2, eval_prompts=8,
-               eval_samples=2, log_every=3)
-    runs = [train_rlvr.train(bases[0], "delta-l", 0.75, 5, **cfg) for _ in range(2)]
+    try:  # the later tests run with the session's thread count
+        bases = [tiny_lm.pretrain_base(5, steps=5, max_len=16) for _ in range(2)]
+        for p, q in zip(bases[0].parameters(), bases[1].parameters()):
+            assert torch.equal(p, q)
+        cfg = dict(steps=3, prompts_per_step=4, group=4, max_len=16, lr=3e-3, micro_batches=2, eval_prompts=8,
+                   eval_samples=2, log_every=3)
+        runs = [train_rlvr.train(bases[0], "delta-l", 0.75, 5, **cfg) for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
     for key in ("reward", "grad_norm", "mean_len", "eval_acc"):
         assert runs[0][key] == runs[1][key]
