@@ -523,10 +523,9 @@ DK_PICK(c10::BFloat16, bf16)
 // Rows: forward, gradient, fused (plain code; the vector work is in the per-row functions)
 // ---------------------------------------------------------------------------------------------
 
-// |m| (of x / tau) from which a row is reduced again from rounded products, element by element: the
-// GPU kernels' threshold (2^24 in log2 units). Logits of a trained model are never near it.
-constexpr float kHugeZ = 16777216.0f * 0.6931471805599453f;
-
+// A row whose |m| (of x / tau) reaches row_math.h's kHugeZ (the GPU kernels' threshold, 2^24 in log2
+// units) is reduced again from rounded products, element by element. Logits of a trained model are
+// never near it.
 template <typename T>
 DK_CPU_NOINLINE SoftmaxStats row_stats_rounded(const T* x, int64_t V, float inv_tau) {
   SoftmaxStats st = softmax_empty();
@@ -552,9 +551,22 @@ RowResult forward_row(const ForwardPointers& a, const RowFunctions<T>& k, int64_
   return r;
 }
 
+// The gradient of a row of huge logits (row_math.h's huge_row_lse): its statistics again, from rounded
+// products as in forward_row, then element by element (x may be out: each element is read first).
+template <typename T>
+DK_CPU_NOINLINE void grad_row_huge(const T* x, T* out, int64_t V, int64_t y, float H, float g, float h,
+                                   float inv_tau) {
+  const SoftmaxStats st = row_stats_rounded(x, V, inv_tau);
+  const float log_s = dk_log(st.s);
+  for (int64_t j = 0; j < V; ++j) {
+    out[j] = T(huge_logit_grad(static_cast<float>(x[j]), j == y, st.m, log_s, H, g, h, inv_tau));
+  }
+}
+
 // One row of the gradient. g = h = 0 with finite statistics: exact zeros, the logits are not read
 // (unscored rows, rows whose loss does not depend on logp). A non-finite lse (NaN, +inf or only -inf
 // logits: the forward gave NaN) makes the whole row NaN, as the reference's log_softmax backward does.
+// The fused path calls this with the lse it has just computed: the same bits as the separate one.
 template <typename T>
 void grad_row_checked(const RowFunctions<T>& k, const T* x, T* out, int64_t V, int64_t row, int64_t y, float lse,
                       float H, float g, float h, float inv_tau) {
@@ -563,7 +575,11 @@ void grad_row_checked(const RowFunctions<T>& k, const T* x, T* out, int64_t V, i
     return;
   }
   TORCH_CHECK_INDEX(y >= 0 && y < V, "targets: row ", row, " has target ", y, ", outside [0, V=", V, ")");
-  k.grad(x, out, V, y, lse, H, g, h, inv_tau);
+  if (huge_row_lse(lse)) {
+    grad_row_huge(x, out, V, y, H, g, h, inv_tau);
+  } else {
+    k.grad(x, out, V, y, lse, H, g, h, inv_tau);
+  }
 }
 
 template <typename T>

@@ -241,4 +241,24 @@ DK_HD float logit_grad(float log_p, float p, bool is_target, float entropy, floa
   return grad * inv_tau;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rows of huge logits. From |m| = 2^24 ln 2 (of x / tau) on, the forward reduces a row again from
+// rounded products (rounded_mul), and the gradient cannot use the saved float32 lse = m + log s:
+// log s is rounded away there (uniform logits of 1e30 would give p = 1 instead of 1/V), and the
+// fused x * (1 / tau) - lse keeps the product's rounding residual. A row whose finite lse is that
+// large is reduced again by the gradient kernels (the row's own statistics, from rounded products
+// as in the forward), and log p_j = (z_j - m) - log s. Never for a trained model's logits.
+// ---------------------------------------------------------------------------------------------
+constexpr float kHugeZ = 16777216.0f * 0.6931471805599453f;
+
+// (a NaN or infinite lse keeps the NaN row of the ordinary path)
+DK_HD bool huge_row_lse(float lse) { return dk_abs(lse) >= kHugeZ && dk_abs(lse) < INFINITY; }
+
+// dL/dx_j of one element of such a row, from its raw logit x, the row's statistics m and log s
+DK_HD float huge_logit_grad(float x, bool is_target, float m, float log_s, float entropy, float g, float h,
+                            float inv_tau) {
+  const float log_p = (rounded_mul(x, inv_tau) - m) - log_s;
+  return logit_grad(log_p, dk_exp(log_p), is_target, entropy, g, h, inv_tau);
+}
+
 }  // namespace deltal_kernels
