@@ -497,10 +497,52 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int64_t V, int64_t 
   if (tid == 0 && y >= 0 && y < V) out[y] = T(grad_value<true>(xy, c) + c.onehot);
 }
 
+// The gradient of (a slice of) a row of huge logits (row_math.h's huge_row_lse) from the whole row's
+// statistics st (row_stats_accurate), element by element as on the CPU. In place, each element is stored
+// by the thread that read it here and in row_stats_accurate (the same j = tid + k GROUP), so a group needs
+// no barrier before its stores; a cluster, whose blocks read the whole row, synchronises first.
 template <typename T, int GROUP>
-__global__ void __launch_bounds__(kBlock, 1) grad_kernel(const GradPointers a) {
+__device__ __noinline__ void grad_row_huge(const T* x, T* out, int64_t V, int64_t y, SoftmaxStats st, float entropy,
+                                           float g, float h, float inv_tau, int tid) {
+  const float log_s = dk_log(st.s);
+  for (int64_t j = tid; j < V; j += GROUP) {
+    out[j] = T(huge_logit_grad(static_cast<float>(x[j]), j == y, st.m, log_s, entropy, g, h, inv_tau));
+  }
+}
+
+template <typename T, int GROUP>
+__device__ __noinline__ void grad_whole_row_huge(const T* x, T* out, int64_t V, int64_t y, float entropy, float g,
+                                                 float h, float inv_tau, int tid, ReduceSmem& smem) {
+  grad_row_huge<T, GROUP>(x, out, V, y, row_stats_accurate<T, GROUP>(x, V, inv_tau, tid, smem), entropy, g, h,
+                          inv_tau, tid);
+}
+
+// grad_row for a whole row x (the grid-stride kernels): a row of huge logits is reduced again first. The
+// condition is uniform over the group (per-row values), so its barriers are reached by every thread; the
+// fused kernel passes the lse it has just computed, so it gives the separate kernel's bits.
+template <typename T, int GROUP, Load L>
+__device__ __forceinline__ void grad_whole_row(const T* x, T* out, int64_t V, int64_t y, float xy, float lse,
+                                               float entropy, float g, float h, float inv_tau, int tid,
+                                               ReduceSmem& smem) {
+  if (huge_row_lse(lse) && (g != 0.0f || h != 0.0f)) {
+    grad_whole_row_huge<T, GROUP>(x, out, V, y, entropy, g, h, inv_tau, tid, smem);
+  } else {
+    grad_row<T, GROUP, L>(x, out, V, y, xy, lse, entropy, g, h, inv_tau, tid);
+  }
+}
+
+// Resident blocks asked of ptxas for grad_kernel: 4 for fp32 rows of a block each, the occupancy it
+// had before the call of the huge-row path raised its registers from 64 to 70 (64 spill nothing).
+template <typename T, int GROUP>
+constexpr int grad_min_blocks() {
+  return sizeof(T) == 4 && GROUP == kBlock ? 4 : 1;
+}
+
+template <typename T, int GROUP>
+__global__ void __launch_bounds__(kBlock, grad_min_blocks<T, GROUP>()) grad_kernel(const GradPointers a) {
   static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
   constexpr int ROWS = kBlock / GROUP;
+  __shared__ ReduceSmem smem;
   const int tid = threadIdx.x % GROUP;
   const int64_t V = a.V;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
@@ -509,8 +551,8 @@ __global__ void __launch_bounds__(kBlock, 1) grad_kernel(const GradPointers a) {
     const int64_t y = a.targets[row];
     const float xy = tid == 0 && y >= 0 && y < V ? static_cast<float>(x[y]) : 0.0f;
     group_sync<GROUP>();  // x[y] is read before any thread of the group stores over it (in place)
-    grad_row<T, GROUP, Load::kLast>(x, static_cast<T*>(a.out) + row * V, V, y, xy, a.lse[row], a.entropy[row],
-                                    a.g[row], a.h[row], a.inv_tau, tid);
+    grad_whole_row<T, GROUP, Load::kLast>(x, static_cast<T*>(a.out) + row * V, V, y, xy, a.lse[row],
+                                          a.entropy[row], a.g[row], a.h[row], a.inv_tau, tid, smem);
   }
 }
 
@@ -545,7 +587,7 @@ __global__ void __launch_bounds__(kBlock, 1) forward_grad_kernel(const FusedPoin
     if (tid == 0) store_row(a, row, r);
     const GradFactors gh = fused_grad_factors(f, row, r);
     group_sync<GROUP>();  // (a warp's reduction is shuffles only: no memory ordering without this)
-    grad_row<T, GROUP, Load::kLast>(x, out, V, y, xy, r.lse, r.entropy, gh.g, gh.h, a.inv_tau, tid);
+    grad_whole_row<T, GROUP, Load::kLast>(x, out, V, y, xy, r.lse, r.entropy, gh.g, gh.h, a.inv_tau, tid, smem);
   }
 }
 
@@ -691,10 +733,19 @@ __device__ __forceinline__ void cluster_rows(const FusedPointers& f) {
     const RowResult res = row_result<T, kBlock>(a, row, x, st, xy, tid, smem);
     if (rank == 0 && tid == 0) store_row(a, row, res);
     if constexpr (GRAD) {
-      if (fabsf(st.mk) >= kHugeLog2) cluster.sync();
       const GradFactors gh = fused_grad_factors(f, row, res);
-      grad_row<T, kBlock, Load::kLast>(x + begin, out + begin, len, y - begin, xy, res.lse, res.entropy, gh.g, gh.h,
-                                       a.inv_tau, tid);
+      // a gradient of huge logits (grad_whole_row's condition, uniform over the cluster) needs the
+      // statistics of the whole row: every block reduces it again, as grad_kernel does
+      const bool huge = huge_row_lse(res.lse) && (gh.g != 0.0f || gh.h != 0.0f);
+      const SoftmaxStats whole = huge ? row_stats_accurate<T, kBlock>(x, V, a.inv_tau, tid, smem) : softmax_empty();
+      if (fabsf(st.mk) >= kHugeLog2 || huge) cluster.sync();
+      if (huge) {
+        grad_row_huge<T, kBlock>(x + begin, out + begin, len, y - begin, whole, res.entropy, gh.g, gh.h, a.inv_tau,
+                                 tid);
+      } else {
+        grad_row<T, kBlock, Load::kLast>(x + begin, out + begin, len, y - begin, xy, res.lse, res.entropy, gh.g,
+                                         gh.h, a.inv_tau, tid);
+      }
     }
   }
   cluster.sync();  // no block leaves while another may still send into its shared memory
