@@ -21,8 +21,10 @@ N <= MAX_PROGRAMS, which is the common case; no grid dimension limits N):
     recomputed from the saved lse, written in the output's dtype: p * (b + a * d) with per-row
     constants a, b (4-6 instructions per element); the one-hot term is added to the target's element
     after the row (a barrier, then one store). Rows with g == 0 and h == 0 store zeros without
-    reading the logits. ``out`` may alias ``logits`` (in-place backward): each element is read by the
-    thread that writes it, before it writes it; x[y] is read before the row's first store.
+    reading the logits. Rows of huge logits (|lse| * log2(e) >= 2^24, where the float32 lse has lost
+    log s) are first reduced again as the forward's exact pass does, and use m and log s instead.
+    ``out`` may alias ``logits`` (in-place backward): each element is read by the thread that writes
+    it, before it writes it; x[y] is read before the row's first store.
 
 The exponential: on the GPU ``ex2.approx.ftz.f32`` (MUFU.EX2; relative error <= 2^-22, see the README
 "Numerics of the fast exp"); under the interpreter ``tl.exp2``.
@@ -173,6 +175,17 @@ def _pack_bf16(lo, hi, BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
+def _dm_s(dm, s, EXACT: tl.constexpr):
+    """dm * s, the rescale of the entropy sum. EXACT (rows of huge logits): 0 for a slot that has seen
+    nothing (s = 0, its maximum still the floor -FLT_MAX), where dm = floor - max overflows to -inf
+    once the maximum exceeds ~1e31 (and -inf * 0 would make the entropy NaN)."""
+    if EXACT:
+        return tl.where(s == 0.0, 0.0, dm * s)
+    else:
+        return dm * s
+
+
+@triton.jit
 def _stats_add2(lo, hi, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr, EXACT: tl.constexpr):
     """_stats_add for a tile given as its two halves (bfloat16 words)."""
     mk_new = tl.maximum(mk, tl.maximum(tl.maximum(tl.max(lo, axis=1), tl.max(hi, axis=1)) * k, NEG_BIG))
@@ -189,7 +202,7 @@ def _stats_add2(lo, hi, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.co
         d_hi = tl.maximum(d_hi, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         e_lo = _exp2(d_lo, FAST_EXP)
         e_hi = _exp2(d_hi, FAST_EXP)
-        t = c * (t + dm * s) + tl.sum(e_lo * d_lo + e_hi * d_hi, axis=1)
+        t = c * (t + _dm_s(dm, s, EXACT)) + tl.sum(e_lo * d_lo + e_hi * d_hi, axis=1)
     else:
         e_lo = _exp2(d_lo, FAST_EXP)
         e_hi = _exp2(d_hi, FAST_EXP)
@@ -212,7 +225,7 @@ def _stats_add4(a, b, c_, d_, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP:
     s3, t3 = _terms(c_, mk_new, k, NEED_ENTROPY, FAST_EXP, EXACT, CLAMP)
     s4, t4 = _terms(d_, mk_new, k, NEED_ENTROPY, FAST_EXP, EXACT, CLAMP)
     if NEED_ENTROPY:
-        t = c * (t + dm * s) + ((t_new + t2) + (t3 + t4))
+        t = c * (t + _dm_s(dm, s, EXACT)) + ((t_new + t2) + (t3 + t4))
     s = s * c + ((s_new + s2) + (s3 + s4))
     return mk_new, s, t
 
@@ -251,7 +264,7 @@ def _stats_add(x, mk, s, t, k, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexp
     if NEED_ENTROPY:
         d = tl.maximum(d, D_FLOOR, propagate_nan=tl.PropagateNan.ALL)  # -inf logits: e = 0, e * d = 0; NaN stays
         e = _exp2(d, FAST_EXP)
-        t = c * (t + dm * s) + tl.sum(e * d, axis=1)
+        t = c * (t + _dm_s(dm, s, EXACT)) + tl.sum(e * d, axis=1)
     else:
         e = _exp2(d, FAST_EXP)
     s = s * c + tl.sum(e, axis=1)
@@ -310,7 +323,7 @@ def _row_stats(x_row, V, k, BLOCK: tl.constexpr, VEC: tl.constexpr, IS_BF16: tl.
     c = _exp2(dm, FAST_EXP)
     s_row = tl.sum(s * c, axis=0)
     if NEED_ENTROPY:
-        t_row = tl.sum(c * (t + dm * s), axis=0)
+        t_row = tl.sum(c * (t + _dm_s(dm, s, EXACT)), axis=0)
     else:
         t_row = tl.cast(0.0, tl.float32)
     return m2, s_row, t_row
@@ -445,7 +458,19 @@ def _forward_kernel(
 @triton.jit
 def _grad_value(x, k, lse2, a, b, HAS_H: tl.constexpr, FAST_EXP: tl.constexpr):
     """p * (b + a * d) with d = x k - lse2 = log2 p: the gradient without its one-hot term."""
-    d = x * k - lse2
+    return _grad_of(x * k - lse2, a, b, HAS_H, FAST_EXP)
+
+
+@triton.jit
+def _grad_value_exact(x, k, m2, log2_s, a, b, FAST_EXP: tl.constexpr):
+    """_grad_value for a row of huge logits: d = (x k rounded - m2) - log2 s, from the row's own maximum m2
+    (of the rounded products) and log2 s, which its lse2 = m2 + log2 s has lost."""
+    return _grad_of((_mul_rn(x, k, FAST_EXP) - m2) - log2_s, a, b, True, FAST_EXP)
+
+
+@triton.jit
+def _grad_of(d, a, b, HAS_H: tl.constexpr, FAST_EXP: tl.constexpr):
+    """p * (b + a * d) with d = log2 p."""
     p = _exp2(d, FAST_EXP)
     if HAS_H:
         # p * (log p + H) is 0 where p is 0 (a -inf logit), not 0 * -inf: d floored
@@ -497,6 +522,21 @@ def _grad_chunks(x_row, out_row, V, k, lse2, a, b, HAS_H: tl.constexpr, BLOCK: t
 
 
 @triton.jit
+def _grad_exact(x_row, out_row, V, k, m2, log2_s, a, b, BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                FAST_EXP: tl.constexpr):
+    """The gradient of a row of huge logits but its one-hot term (_grad_value_exact). Never met with a
+    trained model's logits: plain chunks of half the streaming loops' size (each element stored by the
+    thread that loaded it), kept apart from the loops the kernel report budgets (it takes the
+    gradient's loops with the most 128-bit loads)."""
+    cols = tl.arange(0, BLOCK // 2)
+    for start in tl.range(0, V, BLOCK // 2):
+        offs = start + cols
+        x = tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32)
+        grad = _grad_value_exact(x, k, m2, log2_s, a, b, FAST_EXP)
+        tl.store(out_row + offs, _round_to(grad, out_row.dtype.element_ty, BF16_BY_HAND), mask=offs < V)
+
+
+@triton.jit
 def _grad_row(x_row, out_row, V, target, x_y, lse, entropy, g, h, inv_tau, BLOCK: tl.constexpr,
               BF16_BY_HAND: tl.constexpr, VEC: tl.constexpr, ROW_ALIGNED: tl.constexpr, FAST_EXP: tl.constexpr):
     """One row of dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau, written to out_row.
@@ -510,14 +550,26 @@ def _grad_row(x_row, out_row, V, target, x_y, lse, entropy, g, h, inv_tau, BLOCK
         # dL/dx_j = p_j * (b + a * log2 p_j) (+ g / tau at the target), log p = log2 p * ln 2
         a = -(h * LN2) * inv_tau
         b = -(g + h * entropy) * inv_tau
-        if h != 0.0:
-            _grad_chunks(x_row, out_row, V, k, lse2, a, b, True, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+        if (tl.abs(lse2) >= HUGE_LOG2) & (tl.abs(lse2) < float("inf")):
+            # huge logits: lse = m + log s has lost log s (p = 1 for 1/V at 1e30), and x k - lse2 the
+            # product's rounding residual: the row's statistics again, as the forward's exact pass
+            # computes them (its reductions read the row before any store). a is 0 without h.
+            IS_BF16: tl.constexpr = x_row.dtype.element_ty == tl.bfloat16
+            IS_16BIT: tl.constexpr = IS_BF16 | (x_row.dtype.element_ty == tl.float16)
+            m2, s_row, _ = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, False, FAST_EXP, True)
+            log2_s = tl.log2(s_row)
+            _grad_exact(x_row, out_row, V, k, m2, log2_s, a, b, BLOCK, BF16_BY_HAND, FAST_EXP)
+            grad_y = _grad_value_exact(x_y, k, m2, log2_s, a, b, FAST_EXP)
         else:
-            _grad_chunks(x_row, out_row, V, k, lse2, a, b, False, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+            if h != 0.0:
+                _grad_chunks(x_row, out_row, V, k, lse2, a, b, True, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+            else:
+                _grad_chunks(x_row, out_row, V, k, lse2, a, b, False, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+            grad_y = _grad_value(x_y, k, lse2, a, b, True, FAST_EXP)
         # the one-hot term: every thread has stored its part of the row (the barrier orders those
         # stores before this one, which overwrites the target's element)
         tl.debug_barrier()
-        grad_y = _grad_value(x_y, k, lse2, a, b, True, FAST_EXP) + g * inv_tau
+        grad_y = grad_y + g * inv_tau
         tl.store(out_row + target, _round_to(grad_y, out_row.dtype.element_ty, BF16_BY_HAND),
                  mask=(target >= 0) & (target < V))
     else:  # g == h == 0 (unscored or zero-weight rows, finite lse): exact zeros, the logits are not read
