@@ -114,7 +114,8 @@ def assert_matches_reference(batch, backend, equal_nan=False, **options):
     to the same bound.
     """
     dtype = batch["logits"].dtype
-    ref_out, ref_grad = run(dk.reference.policy_loss, as_float64(batch), **options)
+    ref_options = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+    ref_out, ref_grad = run(dk.reference.policy_loss, as_float64(batch), **ref_options)
     out, grad = run(dk.policy_loss, batch, backend=backend, **options)
     assert grad.dtype == dtype and grad.shape == batch["logits"].shape
     assert out.logprobs.dtype == torch.float32 and out.loss.dtype == torch.float32
