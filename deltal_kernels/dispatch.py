@@ -25,6 +25,29 @@ params, need_entropy, row_weights, grad_scale, out)``
     saves the backward pass's full read of the logits. Used when the logits require grad and the
     backward is not in place (``rows_forward_fused``).
 
+Optionally, for vocabulary-parallel (tensor-parallel) logits, where a rank holds the columns
+[vocab_start, vocab_start + V_r) of every row (``parallel``: the per-row statistics of the shards are
+all-gathered and merged in rank order with row_math.h's softmax_merge, then each rank takes the
+gradient of its shard), both of:
+
+``shard_stats(logits, targets, scored, vocab_start, temperature, need_entropy) -> (m, s, u, zt)``
+    logits [N, V_r] contiguous, one vocabulary shard of each row; targets [N] int64 global ids, any
+    value (a target outside the shard is simply not in it: never an error, never read); scored [N]
+    bool. Returns, all [N] in the compute dtype: m = max z, s = sum exp(z - m), u = sum exp(z - m)
+    (z - m) (0 unless need_entropy) over the shard, and zt = z of the target where the shard holds it,
+    else 0; z = x / tau as ``forward_rows`` computes it (rows of huge logits included), so that the
+    merge of a row's shards is the unsharded row's statistics up to float32 rounding: lse = m + log s,
+    logp = (zt - m) - log s (zt of the shard holding the target), H = log s - u / s. Unscored rows:
+    m = -inf, s = u = zt = 0 and no V work. A NaN or +inf logit makes s NaN (the merged row NaN); a
+    shard of -inf only is the empty part {-inf, 0, 0}.
+
+``shard_grad_rows(logits, targets, vocab_start, m, log_s, entropy, g, h, temperature, out)``
+    Writes ``grad_rows``' dL/dx of the shard's columns into ``out`` [N, V_r] (the logits' dtype; may be
+    ``logits`` itself) from the merged row statistics m, log_s = log s and entropy [N] (compute dtype),
+    with log p = (z - m) - log s and the one-hot term only where targets[i] == vocab_start + j. Rows
+    where g == h == 0 get exact zeros without reading the logits, unless m or log_s is NaN (then NaN,
+    as ``grad_rows`` gives for a NaN lse); an unscored row's merged {m, log s} = {-inf, -inf} is not.
+
 The weighted sum to the scalar loss (``weighted_sum``) and the metrics are [N]-sized torch ops on
 those outputs, so every backend shares one deterministic reduction.
 """

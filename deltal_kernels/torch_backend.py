@@ -142,13 +142,76 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
             redo = torch.tensor(redo, device=z.device) - start
             zc = z[redo] - z[redo].amax(-1, keepdim=True)
             log_p[redo] = zc - torch.log(_row_sums(torch.exp(zc)))[:, None]
-        probs = torch.exp(log_p)
-        log_p = torch.where(log_p.isneginf(), 0.0, log_p)  # p log p is 0 where p = 0
         gc, hc = g[start:end, None], h[start:end, None]
-        grad = -gc * probs
-        grad.scatter_add_(1, targets[start:end, None], gc)
-        grad -= hc * probs * (log_p + entropy[start:end, None])
         # untouched rows are exact zeros whatever their logits hold; a row whose softmax is NaN (a NaN or
         # +inf logit) gets NaN, as the reference's log_softmax backward gives, whatever g and h are
         active = (gc != 0) | (hc != 0) | lse[start:end, None].isnan()
-        out[start:end] = torch.where(active, grad / temperature, torch.zeros_like(grad)).to(out.dtype)
+        grad = _logit_grad(log_p, targets[start:end, None], gc, gc, hc, entropy[start:end, None], temperature, active)
+        out[start:end] = grad.to(out.dtype)
+
+
+def _logit_grad(log_p, cols, target_g, g, h, entropy, temperature, active):
+    """dL/dx = (g * (onehot - p) - h * p * (log p + H)) / tau of a chunk of rows from their log p, with
+    target_g added at column cols of each row (g, or 0 where the target is not among the columns);
+    exact zeros on the rows that are not active."""
+    probs = torch.exp(log_p)
+    log_p = torch.where(log_p.isneginf(), 0.0, log_p)  # p log p is 0 where p = 0
+    grad = -g * probs
+    grad.scatter_add_(1, cols, target_g)
+    grad -= h * probs * (log_p + entropy)
+    return torch.where(active, grad / temperature, torch.zeros_like(grad))
+
+
+# ---- vocabulary shards (tensor-parallel logits): the columns [vocab_start, vocab_start + V) of each row ----
+
+def _shard_columns(targets, vocab_start: int, V: int):
+    """The targets' columns in the shard (clamped into it) and whether the shard holds them: targets are
+    global ids, any value."""
+    inside = (targets >= vocab_start) & (targets - vocab_start < V)
+    return (targets - vocab_start).clamp(0, V - 1), inside
+
+
+def shard_stats(logits, targets, scored, vocab_start, temperature, need_entropy):
+    """The shard row contract (see ``dispatch``): m = max z, s = sum exp(z - m), u = sum exp(z - m) (z - m)
+    (0 unless need_entropy) and zt = z of the target where this shard holds it (else 0), z = x / tau as
+    ``forward_rows`` computes it. Unscored rows: m = -inf, s = u = zt = 0, no V work. Merged in rank order
+    (row_math.h's softmax_merge), the shards' statistics are the row's."""
+    N, V = logits.shape
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    m = torch.full((N,), -torch.inf, dtype=dtype, device=logits.device)
+    s = torch.zeros_like(m)
+    u = torch.zeros_like(m)
+    zt = torch.zeros_like(m)
+    rows = scored.nonzero().squeeze(1)
+    for start, end in _chunks(rows.numel(), V):
+        idx = rows[start:end]
+        z = logits[idx].to(dtype) / temperature
+        mc = z.amax(-1, keepdim=True)  # NaN with a NaN logit; inf - inf = NaN with a +inf one: s is NaN
+        # a shard of -inf only is the empty part {-inf, 0, 0}: its offsets from 0 are -inf, exp 0
+        zc = z - torch.where(mc.isneginf(), 0.0, mc)
+        e = torch.exp(zc)
+        m[idx] = mc.squeeze(1)
+        s[idx] = _row_sums(e)
+        if need_entropy:  # e (z - m) is 0 where e = 0 (a -inf logit)
+            u[idx] = _row_sums(e * torch.where(zc.isneginf(), 0.0, zc))
+        cols, inside = _shard_columns(targets[idx], vocab_start, V)
+        zt[idx] = torch.where(inside, z.gather(1, cols[:, None]).squeeze(1), 0.0)
+    return m, s, u, zt
+
+
+def shard_grad_rows(logits, targets, vocab_start, m, log_s, entropy, g, h, temperature, out):
+    """The shard gradient contract (see ``dispatch``): ``grad_rows``' dL/dx of the shard's columns from the
+    merged row statistics, with log p = (z - m) - log s (a float32 lse = m + log s would lose log s where
+    |m| is huge). Rows with g = h = 0 get exact zeros unless m or log s is NaN (then NaN, as grad_rows
+    gives for a NaN lse); ``out`` may be ``logits`` itself."""
+    N, V = logits.shape
+    for start, end in _chunks(N, V):
+        z = logits[start:end].to(m.dtype) / temperature
+        mc, log_sc = m[start:end, None], log_s[start:end, None]
+        log_p = (z - mc) - log_sc
+        gc, hc = g[start:end, None], h[start:end, None]
+        cols, inside = _shard_columns(targets[start:end, None], vocab_start, V)
+        active = (gc != 0) | (hc != 0) | mc.isnan() | log_sc.isnan()
+        grad = _logit_grad(log_p, cols, torch.where(inside, gc, 0.0), gc, hc, entropy[start:end, None], temperature,
+                           active)
+        out[start:end] = grad.to(out.dtype)
