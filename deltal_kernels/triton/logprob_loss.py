@@ -26,6 +26,10 @@ N <= MAX_PROGRAMS, which is the common case; no grid dimension limits N):
     ``out`` may alias ``logits`` (in-place backward): each element is read by the thread that writes
     it, before it writes it; x[y] is read before the row's first store.
 
+The vocabulary-parallel kernels of ``shard.py`` are built from the same pieces: the forward's row
+reduction with its exact pass (``_row_stats_checked``) and ``_grad_row`` with SHARD (the whole row's
+merged m and log s given).
+
 The exponential: on the GPU ``ex2.approx.ftz.f32`` (MUFU.EX2; relative error <= 2^-22, see the README
 "Numerics of the fast exp"); under the interpreter ``tl.exp2``.
 
@@ -330,6 +334,23 @@ def _row_stats(x_row, V, k, BLOCK: tl.constexpr, VEC: tl.constexpr, IS_BF16: tl.
 
 
 @triton.jit
+def _row_stats_checked(x_row, x_y, V, k, BLOCK: tl.constexpr, VEC: tl.constexpr, IS_BF16: tl.constexpr,
+                       IS_16BIT: tl.constexpr, NEED_ENTROPY: tl.constexpr, FAST_EXP: tl.constexpr):
+    """(m2, s, t, zy_off) of one row in log2 units, zy_off = x_y k - m2 the offset of x_y (the target's
+    logit) to the row maximum: the fast pass, then for huge logits, or (float16) a maximum near the floor,
+    the exact pass (never in practice)."""
+    m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, NEED_ENTROPY, FAST_EXP, False)
+    zy_off = x_y * k - m2
+    redo = tl.abs(m2) >= HUGE_LOG2
+    if IS_16BIT and not IS_BF16:
+        redo = redo | (m2 < k * F16_FLOOR + 160.0)
+    if redo:
+        m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, NEED_ENTROPY, FAST_EXP, True)
+        zy_off = _mul_rn(x_y, k, FAST_EXP) - m2
+    return m2, s_row, t_row, zy_off
+
+
+@triton.jit
 def _forward_kernel(
     logits_ptr, stride_row, targets_ptr, scored_ptr, old_ptr, ref_ptr, adv_ptr,
     logp_ptr, entropy_ptr, lse_ptr, loss_ptr, dlogp_ptr, kl_ptr, flags_ptr,
@@ -358,16 +379,8 @@ def _forward_kernel(
             # validation rejects targets outside [0, V) eagerly, but not under torch.compile: an
             # out-of-range target gives logp = NaN here instead of a read out of bounds
             x_y = tl.load(x_row + target, mask=(target >= 0) & (target < V), other=float("nan")).to(tl.float32)
-            m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, NEED_ENTROPY, FAST_EXP, False)
-            zy_off = x_y * k - m2  # the target's offset to the row maximum (log2 units)
-            # huge logits, or (float16) a maximum near the floor: again, exactly (never in practice)
-            redo = tl.abs(m2) >= HUGE_LOG2
-            if IS_16BIT and not IS_BF16:
-                redo = redo | (m2 < k * F16_FLOOR + 160.0)
-            if redo:
-                m2, s_row, t_row = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, NEED_ENTROPY, FAST_EXP,
-                                              True)
-                zy_off = _mul_rn(x_y, k, FAST_EXP) - m2
+            m2, s_row, t_row, zy_off = _row_stats_checked(x_row, x_y, V, k, BLOCK, VEC, IS_BF16, IS_16BIT,
+                                                          NEED_ENTROPY, FAST_EXP)
             log2_s = tl.log2(s_row)
             lse = (m2 + log2_s) * LN2
             logp = (zy_off - log2_s) * LN2
@@ -462,10 +475,16 @@ def _grad_value(x, k, lse2, a, b, HAS_H: tl.constexpr, FAST_EXP: tl.constexpr):
 
 
 @triton.jit
-def _grad_value_exact(x, k, m2, log2_s, a, b, FAST_EXP: tl.constexpr):
+def _grad_value_exact(x, k, m2, log2_s, a, b, FAST_EXP: tl.constexpr, NATURAL_M: tl.constexpr = False):
     """_grad_value for a row of huge logits: d = (x k rounded - m2) - log2 s, from the row's own maximum m2
-    (of the rounded products) and log2 s, which its lse2 = m2 + log2 s has lost."""
-    return _grad_of((_mul_rn(x, k, FAST_EXP) - m2) - log2_s, a, b, True, FAST_EXP)
+    (of the rounded products) and log2 s, which its lse2 = m2 + log2 s has lost.
+    NATURAL_M: m2 is the maximum in natural units as the shard statistics give it, (x k rounded) * ln 2
+    rounded: the offset is taken between values rounded alike, so that the maximum's is exactly 0."""
+    if NATURAL_M:
+        d = (_mul_rn(_mul_rn(x, k, FAST_EXP), LN2, FAST_EXP) - m2) * LOG2E - log2_s
+    else:
+        d = (_mul_rn(x, k, FAST_EXP) - m2) - log2_s
+    return _grad_of(d, a, b, True, FAST_EXP)
 
 
 @triton.jit
@@ -523,7 +542,7 @@ def _grad_chunks(x_row, out_row, V, k, lse2, a, b, HAS_H: tl.constexpr, BLOCK: t
 
 @triton.jit
 def _grad_exact(x_row, out_row, V, k, m2, log2_s, a, b, BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr,
-                FAST_EXP: tl.constexpr):
+                FAST_EXP: tl.constexpr, NATURAL_M: tl.constexpr = False):
     """The gradient of a row of huge logits but its one-hot term (_grad_value_exact). Never met with a
     trained model's logits: plain chunks of half the streaming loops' size (each element stored by the
     thread that loaded it), kept apart from the loops the kernel report budgets (it takes the
@@ -532,19 +551,27 @@ def _grad_exact(x_row, out_row, V, k, m2, log2_s, a, b, BLOCK: tl.constexpr, BF1
     for start in tl.range(0, V, BLOCK // 2):
         offs = start + cols
         x = tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32)
-        grad = _grad_value_exact(x, k, m2, log2_s, a, b, FAST_EXP)
+        grad = _grad_value_exact(x, k, m2, log2_s, a, b, FAST_EXP, NATURAL_M)
         tl.store(out_row + offs, _round_to(grad, out_row.dtype.element_ty, BF16_BY_HAND), mask=offs < V)
 
 
 @triton.jit
 def _grad_row(x_row, out_row, V, target, x_y, lse, entropy, g, h, inv_tau, BLOCK: tl.constexpr,
-              BF16_BY_HAND: tl.constexpr, VEC: tl.constexpr, ROW_ALIGNED: tl.constexpr, FAST_EXP: tl.constexpr):
+              BF16_BY_HAND: tl.constexpr, VEC: tl.constexpr, ROW_ALIGNED: tl.constexpr, FAST_EXP: tl.constexpr,
+              SHARD: tl.constexpr = False, m=0.0, log_s=0.0):
     """One row of dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau, written to out_row.
 
-    x_y (the target's logit, float32) was read by the caller before any store to the row."""
-    # a lse that is not finite (a NaN or +inf logit, a row of -inf) gives a NaN row even where
-    # g == h == 0, as 0 * NaN does in autograd
-    if (g != 0.0) | (h != 0.0) | (tl.abs(lse) == float("inf")) | (lse != lse):
+    x_y (the target's logit, float32) was read by the caller before any store to the row.
+    SHARD: the row is one vocabulary shard of a whole row (target relative to the shard, outside it when
+    not in [0, V)) whose merged statistics m and log s (natural units, shard.py) are given, lse = m + log s:
+    huge rows take their offsets from them, as the shard cannot reduce the whole row."""
+    if SHARD:  # the shard contract: only a NaN m or log s makes a row with g == h == 0 NaN
+        active = (g != 0.0) | (h != 0.0) | (m != m) | (log_s != log_s)
+    else:
+        # a lse that is not finite (a NaN or +inf logit, a row of -inf) gives a NaN row even where
+        # g == h == 0, as 0 * NaN does in autograd
+        active = (g != 0.0) | (h != 0.0) | (tl.abs(lse) == float("inf")) | (lse != lse)
+    if active:
         k = inv_tau * LOG2E
         lse2 = lse * LOG2E
         # dL/dx_j = p_j * (b + a * log2 p_j) (+ g / tau at the target), log p = log2 p * ln 2
@@ -554,12 +581,16 @@ def _grad_row(x_row, out_row, V, target, x_y, lse, entropy, g, h, inv_tau, BLOCK
             # huge logits: lse = m + log s has lost log s (p = 1 for 1/V at 1e30), and x k - lse2 the
             # product's rounding residual: the row's statistics again, as the forward's exact pass
             # computes them (its reductions read the row before any store). a is 0 without h.
-            IS_BF16: tl.constexpr = x_row.dtype.element_ty == tl.bfloat16
-            IS_16BIT: tl.constexpr = IS_BF16 | (x_row.dtype.element_ty == tl.float16)
-            m2, s_row, _ = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, False, FAST_EXP, True)
-            log2_s = tl.log2(s_row)
-            _grad_exact(x_row, out_row, V, k, m2, log2_s, a, b, BLOCK, BF16_BY_HAND, FAST_EXP)
-            grad_y = _grad_value_exact(x_y, k, m2, log2_s, a, b, FAST_EXP)
+            if SHARD:  # the whole row's, given (a shard has only part of the row)
+                m2 = m
+                log2_s = log_s * LOG2E
+            else:
+                IS_BF16: tl.constexpr = x_row.dtype.element_ty == tl.bfloat16
+                IS_16BIT: tl.constexpr = IS_BF16 | (x_row.dtype.element_ty == tl.float16)
+                m2, s_row, _ = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, False, FAST_EXP, True)
+                log2_s = tl.log2(s_row)
+            _grad_exact(x_row, out_row, V, k, m2, log2_s, a, b, BLOCK, BF16_BY_HAND, FAST_EXP, SHARD)
+            grad_y = _grad_value_exact(x_y, k, m2, log2_s, a, b, FAST_EXP, SHARD)
         else:
             if h != 0.0:
                 _grad_chunks(x_row, out_row, V, k, lse2, a, b, True, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
