@@ -3,7 +3,8 @@
 ``forward_rows`` runs one online-softmax pass over V per scored row and the per-row loss epilogue
 in the same kernel; ``grad_rows`` recomputes the softmax from the saved lse and writes dL/dlogits
 in the logits' dtype (possibly into the logits themselves). Both kernels are in
-``logprob_loss.py``.
+``logprob_loss.py``. ``shard_stats`` and ``shard_grad_rows`` are their vocabulary-parallel forms
+(kernels in ``shard.py``).
 
 Runs CUDA tensors (Triton's GPU compiler), and CPU tensors only under Triton's interpreter, i.e.
 when ``TRITON_INTERPRET=1`` was set before this module was imported (that is how the tests run on
@@ -22,6 +23,7 @@ import torch
 import triton  # noqa: F401  (ImportError here -> dispatch says "not available")
 
 from . import logprob_loss as _k
+from . import shard as _shard
 
 # Kernels are defined interpreted or compiled once, when triton.jit decorates them (at import).
 INTERPRETED = type(_k._forward_kernel).__name__ == "InterpretedFunction"
@@ -268,6 +270,60 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
             lse.to(f32).contiguous(), entropy.to(f32).contiguous(), g.to(f32).contiguous(), h.to(f32).contiguous(),
             N, V, 1.0 / temperature, BLOCK=block, BF16_BY_HAND=INTERPRETED, VEC=vec_elements(itemsize),
             ROW_ALIGNED=rows_aligned(logits, out), FAST_EXP=FAST_EXP, **launch_options(num_warps),
+        )
+    return out
+
+
+def shard_stats(logits, targets, scored, vocab_start, temperature, need_entropy):
+    """Per-row softmax statistics (m, s, u, zt), four [N] float32 tensors in natural units, of one
+    vocabulary shard: ``logits`` [N, V_r] are the columns [vocab_start, vocab_start + V_r) of each row,
+    ``targets`` global ids (a target outside the shard gives zt = 0, nothing is read for it).
+
+    m = max z, s = sum exp(z - m), u = sum exp(z - m) (z - m) (0 unless need_entropy) over the shard,
+    z = x / tau as the forward computes it (its exact pass included); zt = z of the target. Merged in
+    rank order (softmax_merge) they give the unsharded forward's lse, logp and entropy up to float32
+    rounding. Unscored rows, and shards of -inf logits, are the empty part {-inf, 0, 0} (zt = 0 unscored).
+    """
+    _check_logits(logits)
+    N, V = logits.shape
+    dev = logits.device
+    m, s, u, zt = (torch.empty(N, dtype=torch.float32, device=dev) for _ in range(4))
+    if N == 0:
+        return m, s, u, zt
+    itemsize = logits.element_size()
+    block, num_warps = block_config(V, itemsize)
+    with _on_device(logits):
+        _shard._shard_stats_kernel[_grid(N)](
+            logits, logits.stride(0), targets.to(torch.int64).contiguous(), scored.contiguous().view(torch.uint8),
+            m, s, u, zt, N, V, int(vocab_start), 1.0 / temperature, NEED_ENTROPY=bool(need_entropy), BLOCK=block,
+            VEC=vec_elements(itemsize), ROW_ALIGNED=rows_aligned(logits), FAST_EXP=FAST_EXP,
+            **launch_options(num_warps),
+        )
+    return m, s, u, zt
+
+
+def shard_grad_rows(logits, targets, vocab_start, m, log_s, entropy, g, h, temperature, out):
+    """``grad_rows`` of one vocabulary shard (see ``shard_stats``): writes dL/dx_j =
+    (g * (onehot(j) - p_j) - h * p_j * (log p_j + H)) / tau into ``out`` [N, V_r] with log p_j =
+    (z_j - m) - log_s from the whole row's merged m, log_s and entropy H; the one-hot term where
+    targets[i] == vocab_start + j. Rows with g == h == 0 get zeros without reading the logits, NaN
+    where m or log_s is NaN. ``out`` may be ``logits`` itself.
+    """
+    _check_logits(logits)
+    _check_out(logits, out)
+    N, V = logits.shape
+    if N == 0:
+        return out
+    f32 = torch.float32
+    itemsize = logits.element_size()
+    block, num_warps = block_config(V, itemsize)
+    with _on_device(logits):
+        _shard._shard_grad_kernel[_grid(N)](
+            logits, logits.stride(0), out, out.stride(0), targets.to(torch.int64).contiguous(),
+            m.to(f32).contiguous(), log_s.to(f32).contiguous(), entropy.to(f32).contiguous(),
+            g.to(f32).contiguous(), h.to(f32).contiguous(), N, V, int(vocab_start), 1.0 / temperature,
+            BLOCK=block, BF16_BY_HAND=INTERPRETED, VEC=vec_elements(itemsize), ROW_ALIGNED=rows_aligned(logits, out),
+            FAST_EXP=FAST_EXP, **launch_options(num_warps),
         )
     return out
 
