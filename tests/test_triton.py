@@ -324,6 +324,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import deltal_kernels.triton as dtr
 from deltal_kernels.triton import logprob_loss as k
+from deltal_kernels.triton import shard
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 DT = {4: "fp32", 2: "bf16"}
@@ -363,6 +364,15 @@ def grad_types(dt, idx):
                 lse_ptr="*fp32", entropy_ptr="*fp32", g_ptr="*fp32", h_ptr="*fp32", N=idx, V=idx,
                 inv_tau="fp32")
 
+def shard_stats_types(dt, idx):
+    return dict(logits_ptr="*" + dt, stride_row=idx, targets_ptr="*i64", scored_ptr="*u8", m_ptr="*fp32",
+                s_ptr="*fp32", u_ptr="*fp32", zt_ptr="*fp32", N=idx, V=idx, vocab_start=idx, inv_tau="fp32")
+
+def shard_grad_types(dt, idx):
+    return dict(logits_ptr="*" + dt, stride_x=idx, out_ptr="*" + dt, stride_out=idx, targets_ptr="*i64",
+                m_ptr="*fp32", log_s_ptr="*fp32", entropy_ptr="*fp32", g_ptr="*fp32", h_ptr="*fp32", N=idx,
+                V=idx, vocab_start=idx, inv_tau="fp32")
+
 results = []
 base = dict(KL_TYPE=3, HAS_DUAL=True, NEED_ENTROPY=True, ENTROPY_IN_LOSS=True, WRITE_GRAD=False,
             BF16_BY_HAND=False)
@@ -391,6 +401,21 @@ for dt, block, warps, extra, idx, arch in variants:
             r.update(kernel=name, dtype=dt, block=block, warps=warps, extra=extra, idx=idx, arch=arch, aligned=aligned,
                      v16=v16)
             results.append(r)
+# the vocabulary-parallel kernels: a shard of the Qwen vocabulary, 32-bit and 64-bit offsets
+for dt in ("fp32", "bf16", "fp16"):
+    block, warps = dtr.block_config(151936, ITEM[dt])
+    vec = dtr.vec_elements(ITEM[dt])
+    for idx in ("i32", "i64"):
+        for name, fn, types, cons in (
+                ("shard_stats", shard._shard_stats_kernel, shard_stats_types(dt, idx),
+                 dict(NEED_ENTROPY=True, BLOCK=block, VEC=vec, FAST_EXP=True)),
+                ("shard_grad", shard._shard_grad_kernel, shard_grad_types(dt, idx),
+                 dict(BLOCK=block, BF16_BY_HAND=False, VEC=vec, FAST_EXP=True))):
+            for aligned, v16 in ((True, True), (True, False), (False, False)):
+                r = compile_(fn, types, cons, warps, 90, aligned, v16)
+                r.update(kernel=name, dtype=dt, block=block, warps=warps, extra={}, idx=idx, arch=90, aligned=aligned,
+                         v16=v16)
+                results.append(r)
 print(json.dumps(results))
 """
 
@@ -412,7 +437,7 @@ def test_kernels_compile_for_the_gpu_without_spills():
         assert r["local"] == 0 and r["stack"] == 0, f"register spills: {r}"
         if r["aligned"]:  # 16-byte-aligned rows, whatever V: 128-bit loads (and stores for the gradient)
             assert r["v4_loads"] > 0, f"no vector loads: {r}"
-            if r["kernel"] == "grad" or r["extra"].get("WRITE_GRAD"):
+            if r["kernel"] in ("grad", "shard_grad") or r["extra"].get("WRITE_GRAD"):
                 assert r["v4_stores"] > 0, f"no vector stores: {r}"
 
 
