@@ -4,6 +4,10 @@
 //   torch.ops.deltal_kernels_ext.grad_rows(..., out) -> ()   (writes out; out may be logits)
 //   torch.ops.deltal_kernels_ext.forward_grad_rows(..., row_weights, grad_scale, out)
 //                                                   -> forward_rows' outputs, and writes out (may be logits)
+//   torch.ops.deltal_kernels_ext.shard_stats(logits, targets, scored, vocab_start, temperature, need_entropy)
+//                                                   -> (m, s, u, zt)  (one vocabulary shard of each row)
+//   torch.ops.deltal_kernels_ext.shard_grad_rows(logits, targets, vocab_start, m, log_s, entropy, g, h,
+//                                                temperature, out) -> ()  (writes out; out may be logits)
 //   torch.ops.deltal_kernels_ext.build_info()       -> str  ("key=value" lines)
 //
 // Kernels for the CPU and CUDA dispatch keys, and Meta kernels (shapes only) for tracing.
@@ -230,6 +234,99 @@ Outputs forward_grad_rows_meta(const Tensor& logits, const Tensor& targets, cons
   return as_tuple(allocate_outputs(logits));
 }
 
+// ---- Vocabulary shards: one shard [N, V_r] of each row, targets as global ids (any value) ----
+
+using ShardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+void check_vocab_start(int64_t vocab_start) {
+  TORCH_CHECK_VALUE(vocab_start >= 0, "vocab_start: expected an integer >= 0, got ", vocab_start);
+}
+
+struct ShardInputs {
+  Tensor targets, scored;
+};
+
+ShardInputs check_shard_stats(const Tensor& logits, const Tensor& targets, const Tensor& scored, int64_t vocab_start) {
+  check_logits(logits);
+  ShardInputs in{row_input("targets", targets, logits, at::kLong), row_input("scored", scored, logits, at::kBool)};
+  check_vocab_start(vocab_start);
+  return in;
+}
+
+ShardStatsOutputs allocate_shard_outputs(const Tensor& logits) {
+  const auto f32 = logits.options().dtype(at::kFloat);
+  const int64_t N = logits.size(0);
+  return ShardStatsOutputs{at::empty({N}, f32), at::empty({N}, f32), at::empty({N}, f32), at::empty({N}, f32)};
+}
+
+ShardOutputs shard_stats(const Tensor& logits, const Tensor& targets, const Tensor& scored, int64_t vocab_start,
+                         double temperature, bool need_entropy) {
+  const ShardInputs in = check_shard_stats(logits, targets, scored, vocab_start);
+  const float inv_tau = inverse_temperature(temperature);
+  ShardStatsOutputs out = allocate_shard_outputs(logits);  // the kernels write every row
+  if (logits.size(0) > 0) {
+    if (logits.is_cuda()) {
+#ifdef DK_WITH_CUDA
+      shard_stats_cuda(logits, in.targets, in.scored, vocab_start, inv_tau, need_entropy, out);
+#else
+      TORCH_CHECK(false, "deltal_kernels: the extension was built without CUDA");
+#endif
+    } else {
+      shard_stats_cpu(logits, in.targets, in.scored, vocab_start, inv_tau, need_entropy, out);
+    }
+  }
+  return {out.m, out.s, out.u, out.zt};
+}
+
+ShardOutputs shard_stats_meta(const Tensor& logits, const Tensor& targets, const Tensor& scored, int64_t vocab_start,
+                              double temperature, bool need_entropy) {
+  (void)temperature, (void)need_entropy;
+  check_shard_stats(logits, targets, scored, vocab_start);
+  const ShardStatsOutputs out = allocate_shard_outputs(logits);
+  return {out.m, out.s, out.u, out.zt};
+}
+
+struct ShardGradInputs {
+  Tensor targets, m, log_s, entropy, g, h;
+};
+
+ShardGradInputs check_shard_grad(const Tensor& logits, const Tensor& targets, int64_t vocab_start, const Tensor& m,
+                                 const Tensor& log_s, const Tensor& entropy, const Tensor& g, const Tensor& h,
+                                 const Tensor& out) {
+  check_logits(logits);
+  ShardGradInputs in{row_input("targets", targets, logits, at::kLong), row_input("m", m, logits, at::kFloat),
+                     row_input("log_s", log_s, logits, at::kFloat), row_input("entropy", entropy, logits, at::kFloat),
+                     row_input("g", g, logits, at::kFloat),           row_input("h", h, logits, at::kFloat)};
+  check_vocab_start(vocab_start);
+  check_out(out, logits);
+  return in;
+}
+
+void shard_grad_rows(const Tensor& logits, const Tensor& targets, int64_t vocab_start, const Tensor& m,
+                     const Tensor& log_s, const Tensor& entropy, const Tensor& g, const Tensor& h, double temperature,
+                     const Tensor& out) {
+  const ShardGradInputs in = check_shard_grad(logits, targets, vocab_start, m, log_s, entropy, g, h, out);
+  const float inv_tau = inverse_temperature(temperature);
+  check_out_overlap(out, logits);
+  if (logits.numel() == 0) return;
+  if (logits.is_cuda()) {
+#ifdef DK_WITH_CUDA
+    shard_grad_rows_cuda(logits, in.targets, vocab_start, in.m, in.log_s, in.entropy, in.g, in.h, inv_tau, out);
+#else
+    TORCH_CHECK(false, "deltal_kernels: the extension was built without CUDA");
+#endif
+  } else {
+    shard_grad_rows_cpu(logits, in.targets, vocab_start, in.m, in.log_s, in.entropy, in.g, in.h, inv_tau, out);
+  }
+}
+
+void shard_grad_rows_meta(const Tensor& logits, const Tensor& targets, int64_t vocab_start, const Tensor& m,
+                          const Tensor& log_s, const Tensor& entropy, const Tensor& g, const Tensor& h,
+                          double temperature, const Tensor& out) {
+  (void)temperature;
+  check_shard_grad(logits, targets, vocab_start, m, log_s, entropy, g, h, out);
+}
+
 std::string build_info() {
   std::ostringstream s;
   s << "version=" << DK_VERSION << "\n";
@@ -263,6 +360,12 @@ TORCH_LIBRARY(deltal_kernels_ext, m) {
       "Tensor advantages, float clip_low, float clip_high, float dual_clip, float kl_coef, int kl_type, "
       "float entropy_coef, float temperature, bool need_entropy, Tensor row_weights, float grad_scale, "
       "Tensor(a!) out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "shard_stats(Tensor logits, Tensor targets, Tensor scored, int vocab_start, float temperature, "
+      "bool need_entropy) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "shard_grad_rows(Tensor logits, Tensor targets, int vocab_start, Tensor m, Tensor log_s, Tensor entropy, "
+      "Tensor g, Tensor h, float temperature, Tensor(a!) out) -> ()");
   m.def("build_info() -> str", &deltal_kernels::build_info);
 }
 
@@ -270,6 +373,8 @@ TORCH_LIBRARY_IMPL(deltal_kernels_ext, CPU, m) {
   m.impl("forward_rows", &deltal_kernels::forward_rows);
   m.impl("grad_rows", &deltal_kernels::grad_rows);
   m.impl("forward_grad_rows", &deltal_kernels::forward_grad_rows);
+  m.impl("shard_stats", &deltal_kernels::shard_stats);
+  m.impl("shard_grad_rows", &deltal_kernels::shard_grad_rows);
 }
 
 #ifdef DK_WITH_CUDA
@@ -277,6 +382,8 @@ TORCH_LIBRARY_IMPL(deltal_kernels_ext, CUDA, m) {
   m.impl("forward_rows", &deltal_kernels::forward_rows);
   m.impl("grad_rows", &deltal_kernels::grad_rows);
   m.impl("forward_grad_rows", &deltal_kernels::forward_grad_rows);
+  m.impl("shard_stats", &deltal_kernels::shard_stats);
+  m.impl("shard_grad_rows", &deltal_kernels::shard_grad_rows);
 }
 #endif
 
@@ -284,6 +391,8 @@ TORCH_LIBRARY_IMPL(deltal_kernels_ext, Meta, m) {
   m.impl("forward_rows", &deltal_kernels::forward_rows_meta);
   m.impl("grad_rows", &deltal_kernels::grad_rows_meta);
   m.impl("forward_grad_rows", &deltal_kernels::forward_grad_rows_meta);
+  m.impl("shard_stats", &deltal_kernels::shard_stats_meta);
+  m.impl("shard_grad_rows", &deltal_kernels::shard_grad_rows_meta);
 }
 
 // A Python module with no functions: importing deltal_kernels._C loads this library, whose static

@@ -109,6 +109,17 @@ def forward_grad_rows(logits, targets, scored, old_logprobs, ref_logprobs, advan
                                     need_entropy, row_weights.to(torch.float32), float(grad_scale), out)
 
 
+def shard_stats(logits, targets, scored, vocab_start, temperature, need_entropy):
+    """The shard row contract (see ``dispatch``): (m, s, u, zt) of one vocabulary shard of each row."""
+    return _ops().shard_stats(logits, targets, scored, vocab_start, temperature, need_entropy)
+
+
+def shard_grad_rows(logits, targets, vocab_start, m, log_s, entropy, g, h, temperature, out):
+    """The shard gradient contract (see ``dispatch``): writes the shard's dL/dlogits into ``out`` (may be
+    ``logits``) from the merged row statistics."""
+    _ops().shard_grad_rows(logits, targets, vocab_start, m, log_s, entropy, g, h, temperature, out)
+
+
 def build_info() -> dict:
     """Build facts for bug reports (``python -m deltal_kernels``)."""
     if _C is None:

@@ -422,16 +422,18 @@ DK_CPU_INLINE void grad_row_blocks(const T* x, T* out, int64_t V, float lse, flo
   }
 }
 
+// y < 0: the row's target is in another vocabulary shard (shard_grad_rows), no one-hot term here.
 template <int W, typename T>
 DK_CPU_INLINE void grad_row(const T* x, T* out, int64_t V, int64_t y, float lse, float H, float g, float h,
                             float inv_tau) {
   typedef typename Vec<W>::F F;
-  const float zy = static_cast<float>(x[y]) * inv_tau;  // read before out (maybe x itself) is written
+  const float zy = y >= 0 ? static_cast<float>(x[y]) * inv_tau : 0.0f;  // read before out (maybe x) is written
   if (h == 0.0f) {
     grad_row_blocks<W, T, false>(x, out, V, lse, H, g, h, inv_tau);
   } else {
     grad_row_blocks<W, T, true>(x, out, V, lse, H, g, h, inv_tau);
   }
+  if (y < 0) return;
   F unused;
   const float log_py = zy - lse;
   const float py = exp_vec(splat<F>(log_py), unused, exp_clamp<F>())[0];
@@ -533,6 +535,14 @@ DK_CPU_NOINLINE SoftmaxStats row_stats_rounded(const T* x, int64_t V, float inv_
   return st;
 }
 
+// The statistics of a row (or of a vocabulary shard of one) as the forward computes them: rows of huge
+// logits reduced again from rounded products.
+template <typename T>
+SoftmaxStats forward_stats(const RowFunctions<T>& k, const T* x, int64_t V, float inv_tau, bool need_entropy) {
+  const SoftmaxStats st = k.stats(x, V, inv_tau, need_entropy);
+  return huge_z(st.m) ? row_stats_rounded(x, V, inv_tau) : st;  // (non-finite rows keep their NaN)
+}
+
 // One scored row x = logits[row]: its statistics, the epilogue, the [N] outputs written.
 // (An out-of-range target throws here, before the row is read; the CUDA kernels, which cannot throw,
 // give NaN instead.)
@@ -540,27 +550,36 @@ template <typename T>
 RowResult forward_row(const ForwardPointers& a, const RowFunctions<T>& k, int64_t row, const T* x) {
   const int64_t y = a.targets[row];
   TORCH_CHECK_INDEX(y >= 0 && y < a.V, "targets: row ", row, " has target ", y, ", outside [0, V=", a.V, ")");
-  SoftmaxStats st = k.stats(x, a.V, a.inv_tau, a.need_entropy);
-  float zy = static_cast<float>(x[y]) * a.inv_tau;
-  if (fabsf(st.m) >= kHugeZ && fabsf(st.m) < INFINITY) {  // (non-finite rows keep their NaN)
-    st = row_stats_rounded(x, a.V, a.inv_tau);
-    zy = rounded_mul(static_cast<float>(x[y]), a.inv_tau);
-  }
+  const SoftmaxStats st = forward_stats(k, x, a.V, a.inv_tau, a.need_entropy);
+  // (the rounded maximum of the second pass is the first pass's: both round x_max * inv_tau)
+  const float zy = huge_z(st.m) ? rounded_mul(static_cast<float>(x[y]), a.inv_tau)
+                                : static_cast<float>(x[y]) * a.inv_tau;
   const RowResult r = forward_row_result(a, row, st, zy);
   store_row(a, row, r);
   return r;
 }
 
-// The gradient of a row of huge logits (row_math.h's huge_row_lse): its statistics again, from rounded
-// products as in forward_row, then element by element (x may be out: each element is read first).
+// The gradient of a row of huge logits (row_math.h's huge_row_lse) from the row's m and log s, element
+// by element (x may be out: each element is read first; y < 0: the target is in another shard).
+template <typename T>
+DK_CPU_NOINLINE void grad_row_split(const T* x, T* out, int64_t V, int64_t y, float m, float log_s, float H,
+                                    float g, float h, float inv_tau) {
+  for (int64_t j = 0; j < V; ++j) {
+    out[j] = T(huge_logit_grad(static_cast<float>(x[j]), j == y, m, log_s, H, g, h, inv_tau));
+  }
+}
+
+// grad_rows' row of huge logits: its statistics again first, from rounded products as in forward_row
 template <typename T>
 DK_CPU_NOINLINE void grad_row_huge(const T* x, T* out, int64_t V, int64_t y, float H, float g, float h,
                                    float inv_tau) {
   const SoftmaxStats st = row_stats_rounded(x, V, inv_tau);
-  const float log_s = dk_log(st.s);
-  for (int64_t j = 0; j < V; ++j) {
-    out[j] = T(huge_logit_grad(static_cast<float>(x[j]), j == y, st.m, log_s, H, g, h, inv_tau));
-  }
+  grad_row_split(x, out, V, y, st.m, dk_log(st.s), H, g, h, inv_tau);
+}
+
+template <typename T>
+void zero_row(T* out, int64_t V) {
+  std::memset(static_cast<void*>(out), 0, sizeof(T) * V);  // +0.0 in every dtype
 }
 
 // One row of the gradient. g = h = 0 with finite statistics: exact zeros, the logits are not read
@@ -571,7 +590,7 @@ template <typename T>
 void grad_row_checked(const RowFunctions<T>& k, const T* x, T* out, int64_t V, int64_t row, int64_t y, float lse,
                       float H, float g, float h, float inv_tau) {
   if (g == 0.0f && h == 0.0f && std::isfinite(lse)) {
-    std::memset(static_cast<void*>(out), 0, sizeof(T) * V);  // +0.0 in every dtype
+    zero_row(out, V);
     return;
   }
   TORCH_CHECK_INDEX(y >= 0 && y < V, "targets: row ", row, " has target ", y, ", outside [0, V=", V, ")");
@@ -601,6 +620,51 @@ void grad_range(const GradPointers& a, int64_t begin, int64_t end) {
   for (int64_t row = begin; row < end; ++row) {
     grad_row_checked(k, static_cast<const T*>(a.logits) + row * a.V, static_cast<T*>(a.out) + row * a.V, a.V, row,
                      a.targets[row], a.lse[row], a.entropy[row], a.g[row], a.h[row], a.inv_tau);
+  }
+}
+
+// ---- Vocabulary shards (row_math.h): no cluster or fused path, rows split across threads as above ----
+
+// A shard row is reduced as forward_row reduces a row (the same per-row functions), so the merge of a
+// row's shards is the unsharded forward's statistics up to the float32 rounding of the merge. (A shard
+// takes the huge-row path by its own maximum: one just below kHugeZ in a row above it keeps the fused
+// offsets, within an ulp of z of the rounded ones.)
+template <typename T>
+void shard_stats_range(const ShardStatsPointers& a, int64_t begin, int64_t end) {
+  const RowFunctions<T> k = row_functions<T>();
+  for (int64_t row = begin; row < end; ++row) {
+    if (!a.scored[row]) {
+      store_shard_stats(a, row, softmax_empty(), 0.0f);
+      continue;
+    }
+    const T* x = static_cast<const T*>(a.logits) + row * a.V;
+    const int64_t y = shard_column(a.targets[row], a.vocab_start, a.V);
+    const float zt = y >= 0 ? rounded_mul(static_cast<float>(x[y]), a.inv_tau) : 0.0f;
+    store_shard_stats(a, row, forward_stats(k, x, a.V, a.inv_tau, a.need_entropy), zt);
+  }
+}
+
+// grad_rows' arithmetic with lse = m + log s, which float32 holds to the precision of z except where
+// |lse| is huge (log s rounded away): there log p = (z - m) - log s from the merged m and log s, as
+// grad_rows' huge path computes it from the row's own (which a shard cannot reduce again).
+template <typename T>
+void shard_grad_range(const ShardGradPointers& a, int64_t begin, int64_t end) {
+  const RowFunctions<T> k = row_functions<T>();
+  for (int64_t row = begin; row < end; ++row) {
+    const T* x = static_cast<const T*>(a.logits) + row * a.V;
+    T* out = static_cast<T*>(a.out) + row * a.V;
+    const float m = a.m[row], log_s = a.log_s[row], g = a.g[row], h = a.h[row];
+    if (shard_grad_zero(m, log_s, g, h)) {
+      zero_row(out, a.V);
+      continue;
+    }
+    const int64_t y = shard_column(a.targets[row], a.vocab_start, a.V);
+    const float lse = m + log_s;
+    if (huge_row_lse(lse)) {
+      grad_row_split(x, out, a.V, y, m, log_s, a.entropy[row], g, h, a.inv_tau);
+    } else {
+      k.grad(x, out, a.V, y, lse, a.entropy[row], g, h, a.inv_tau);
+    }
   }
 }
 
@@ -652,6 +716,24 @@ void advise_huge_pages(const at::Tensor& out, const at::Tensor& logits) {
 }
 
 }  // namespace cpu
+
+void shard_stats_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
+                     int64_t vocab_start, float inv_tau, bool need_entropy, ShardStatsOutputs& out) {
+  const ShardStatsPointers a = shard_stats_pointers(logits, targets, scored, vocab_start, inv_tau, need_entropy, out);
+  const auto fn = by_logits_dtype(logits, cpu::shard_stats_range<float>, cpu::shard_stats_range<c10::Half>,
+                                  cpu::shard_stats_range<c10::BFloat16>);
+  at::parallel_for(0, a.N, cpu::grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+void shard_grad_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
+                         const at::Tensor& m, const at::Tensor& log_s, const at::Tensor& entropy, const at::Tensor& g,
+                         const at::Tensor& h, float inv_tau, const at::Tensor& out) {
+  const ShardGradPointers a = shard_grad_pointers(logits, targets, vocab_start, m, log_s, entropy, g, h, inv_tau, out);
+  const auto fn = by_logits_dtype(logits, cpu::shard_grad_range<float>, cpu::shard_grad_range<c10::Half>,
+                                  cpu::shard_grad_range<c10::BFloat16>);
+  cpu::advise_huge_pages(out, logits);
+  at::parallel_for(0, a.N, cpu::grain(a.V), [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
 
 void forward_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
                       const at::Tensor& old_logprobs, const at::Tensor& ref_logprobs,

@@ -502,12 +502,17 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int64_t V, int64_t 
 // by the thread that read it here and in row_stats_accurate (the same j = tid + k GROUP), so a group needs
 // no barrier before its stores; a cluster, whose blocks read the whole row, synchronises first.
 template <typename T, int GROUP>
+__device__ __forceinline__ void grad_row_split(const T* x, T* out, int64_t V, int64_t y, float m, float log_s,
+                                               float entropy, float g, float h, float inv_tau, int tid) {
+  for (int64_t j = tid; j < V; j += GROUP) {
+    out[j] = T(huge_logit_grad(static_cast<float>(x[j]), j == y, m, log_s, entropy, g, h, inv_tau));
+  }
+}
+
+template <typename T, int GROUP>
 __device__ __noinline__ void grad_row_huge(const T* x, T* out, int64_t V, int64_t y, SoftmaxStats st, float entropy,
                                            float g, float h, float inv_tau, int tid) {
-  const float log_s = dk_log(st.s);
-  for (int64_t j = tid; j < V; j += GROUP) {
-    out[j] = T(huge_logit_grad(static_cast<float>(x[j]), j == y, st.m, log_s, entropy, g, h, inv_tau));
-  }
+  grad_row_split<T, GROUP>(x, out, V, y, st.m, dk_log(st.s), entropy, g, h, inv_tau, tid);
 }
 
 template <typename T, int GROUP>
@@ -553,6 +558,75 @@ __global__ void __launch_bounds__(kBlock, grad_min_blocks<T, GROUP>()) grad_kern
     group_sync<GROUP>();  // x[y] is read before any thread of the group stores over it (in place)
     grad_whole_row<T, GROUP, Load::kLast>(x, static_cast<T*>(a.out) + row * V, V, y, xy, a.lse[row],
                                           a.entropy[row], a.g[row], a.h[row], a.inv_tau, tid, smem);
+  }
+}
+
+// ---- Vocabulary shards (row_math.h): warp or block per shard row; no cluster path (a shard of a large
+// vocabulary is a fraction of the row already, and the shards' merge happens across ranks) ----
+
+// A shard row's fast-path statistics in natural units: m = mk ln 2 (within an ulp or two of the max z, as
+// the forward's lse is; s and u keep their reference point 2^mk).
+__device__ __forceinline__ SoftmaxStats natural_stats(const Log2Stats& st) {
+  return {st.mk * kLn2, st.s, st.t * kLn2};
+}
+
+// forward_kernel's reduction of each scored row of the shard: row_stats, rows of huge logits (and rows of
+// nothing but -inf or NaN, whose mk stays at -FLT_MAX) again on the accurate path, which gives the empty
+// part {-inf, 0 or NaN, 0} for the latter.
+template <typename T, int GROUP>
+__global__ void __launch_bounds__(kBlock, 1) shard_stats_kernel(const ShardStatsPointers a) {
+  static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
+  constexpr int ROWS = kBlock / GROUP;
+  __shared__ ReduceSmem smem;
+  const int tid = threadIdx.x % GROUP;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
+  // uniform over a group, as in forward_kernel: every barrier is reached by the whole group
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
+    if (!a.scored[row]) {
+      if (tid == 0) store_shard_stats(a, row, softmax_empty(), 0.0f);
+      continue;
+    }
+    const T* x = static_cast<const T*>(a.logits) + row * a.V;
+    const int64_t y = shard_column(a.targets[row], a.vocab_start, a.V);
+    const float zt = tid == 0 && y >= 0 ? rounded_mul(static_cast<float>(x[y]), a.inv_tau) : 0.0f;
+    const Log2Stats st = row_stats<T, GROUP, Load::kReadOnly>(x, a.V, a.inv_tau, tid, smem);
+    const SoftmaxStats nat =
+        fabsf(st.mk) >= kHugeLog2 ? row_stats_accurate<T, GROUP>(x, a.V, a.inv_tau, tid, smem) : natural_stats(st);
+    if (tid == 0) store_shard_stats(a, row, nat, zt);
+  }
+}
+
+template <typename T, int GROUP>
+__device__ __noinline__ void shard_grad_row_huge(const T* x, T* out, int64_t V, int64_t y, float m, float log_s,
+                                                 float entropy, float g, float h, float inv_tau, int tid) {
+  grad_row_split<T, GROUP>(x, out, V, y, m, log_s, entropy, g, h, inv_tau, tid);
+}
+
+// grad_kernel's rows with lse = m + log s; where that lse is huge (log s rounded away), log p = (z - m) -
+// log s element by element from the merged m and log s (a shard cannot reduce its row again, as
+// grad_kernel's huge path does). Each element is read and written by the same thread (out may be x).
+template <typename T, int GROUP>
+__global__ void __launch_bounds__(kBlock, grad_min_blocks<T, GROUP>()) shard_grad_kernel(const ShardGradPointers a) {
+  static_assert(kBlock % GROUP == 0 && GROUP % kWarp == 0, "a group is whole warps of one block");
+  constexpr int ROWS = kBlock / GROUP;
+  const int tid = threadIdx.x % GROUP;
+  const int64_t V = a.V;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * ROWS;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * ROWS + threadIdx.x / GROUP; row < a.N; row += stride) {
+    const T* x = static_cast<const T*>(a.logits) + row * V;
+    T* out = static_cast<T*>(a.out) + row * V;
+    const int64_t y = shard_column(a.targets[row], a.vocab_start, V);
+    const float xy = tid == 0 && y >= 0 ? static_cast<float>(x[y]) : 0.0f;
+    group_sync<GROUP>();  // x[y] is read before any thread of the group stores over it (in place)
+    const float m = a.m[row], log_s = a.log_s[row], g = a.g[row], h = a.h[row];
+    const float lse = m + log_s;
+    if (shard_grad_zero(m, log_s, g, h)) {
+      grad_row<T, GROUP, Load::kLast>(x, out, V, -1, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, a.inv_tau, tid);  // zeros
+    } else if (huge_row_lse(lse)) {
+      shard_grad_row_huge<T, GROUP>(x, out, V, y, m, log_s, a.entropy[row], g, h, a.inv_tau, tid);
+    } else {
+      grad_row<T, GROUP, Load::kLast>(x, out, V, y, xy, lse, a.entropy[row], g, h, a.inv_tau, tid);
+    }
   }
 }
 
@@ -828,6 +902,10 @@ template <typename T, int GROUP>
 struct GradTag {};
 template <typename T, int GROUP>
 struct FusedTag {};
+template <typename T, int GROUP>
+struct ShardStatsTag {};
+template <typename T, int GROUP>
+struct ShardGradTag {};
 
 template <typename T, int GROUP>
 void launch_forward(const ForwardPointers& a) {
@@ -852,6 +930,22 @@ void launch_forward_grad(const FusedPointers& f) {
   const int64_t grid = l2_bounded_units(grid_size<FusedTag<T, GROUP>>(kernel, f.fwd.N, rows),
                                         rows * f.fwd.V * static_cast<int64_t>(sizeof(T)), current_device_facts().sms);
   kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int GROUP>
+void launch_shard_stats(const ShardStatsPointers& a) {
+  auto kernel = shard_stats_kernel<T, GROUP>;
+  const int64_t grid = grid_size<ShardStatsTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
+  kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int GROUP>
+void launch_shard_grad(const ShardGradPointers& a) {
+  auto kernel = shard_grad_kernel<T, GROUP>;
+  const int64_t grid = grid_size<ShardGradTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
+  kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1006,6 +1100,24 @@ void grad_dtype(const GradPointers& a) {
 }
 
 template <typename T>
+void shard_stats_dtype(const ShardStatsPointers& a) {
+  if (a.V <= kSmallV) {
+    launch_shard_stats<T, kWarp>(a);
+  } else {
+    launch_shard_stats<T, kBlock>(a);
+  }
+}
+
+template <typename T>
+void shard_grad_dtype(const ShardGradPointers& a) {
+  if (a.V <= kSmallV) {
+    launch_shard_grad<T, kWarp>(a);
+  } else {
+    launch_shard_grad<T, kBlock>(a);
+  }
+}
+
+template <typename T>
 void forward_grad_dtype(const FusedPointers& f) {
   if (const int C = blocks_per_row<T>(f.fwd.V); C > 1) {
     launch_cluster<T, true>(f, C);
@@ -1047,6 +1159,23 @@ void grad_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, const a
   const c10::cuda::CUDAGuard guard(logits.device());
   const GradPointers a = grad_pointers(logits, targets, lse, entropy, g, h, inv_tau, out);
   by_logits_dtype(logits, cuda::grad_dtype<float>, cuda::grad_dtype<c10::Half>, cuda::grad_dtype<c10::BFloat16>)(a);
+}
+
+void shard_stats_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& scored,
+                      int64_t vocab_start, float inv_tau, bool need_entropy, ShardStatsOutputs& out) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const ShardStatsPointers a = shard_stats_pointers(logits, targets, scored, vocab_start, inv_tau, need_entropy, out);
+  by_logits_dtype(logits, cuda::shard_stats_dtype<float>, cuda::shard_stats_dtype<c10::Half>,
+                  cuda::shard_stats_dtype<c10::BFloat16>)(a);
+}
+
+void shard_grad_rows_cuda(const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
+                          const at::Tensor& m, const at::Tensor& log_s, const at::Tensor& entropy,
+                          const at::Tensor& g, const at::Tensor& h, float inv_tau, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const ShardGradPointers a = shard_grad_pointers(logits, targets, vocab_start, m, log_s, entropy, g, h, inv_tau, out);
+  by_logits_dtype(logits, cuda::shard_grad_dtype<float>, cuda::shard_grad_dtype<c10::Half>,
+                  cuda::shard_grad_dtype<c10::BFloat16>)(a);
 }
 
 #define DK_STRINGIFY2(...) #__VA_ARGS__

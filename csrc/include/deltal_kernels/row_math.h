@@ -251,14 +251,37 @@ DK_HD float logit_grad(float log_p, float p, bool is_target, float entropy, floa
 // ---------------------------------------------------------------------------------------------
 constexpr float kHugeZ = 16777216.0f * 0.6931471805599453f;
 
-// (a NaN or infinite lse keeps the NaN row of the ordinary path)
-DK_HD bool huge_row_lse(float lse) { return dk_abs(lse) >= kHugeZ && dk_abs(lse) < INFINITY; }
+// Whether a row's maximum z (or its lse) is that large. (A NaN or infinite value keeps the NaN row of the
+// ordinary path.)
+DK_HD bool huge_z(float z) { return dk_abs(z) >= kHugeZ && dk_abs(z) < INFINITY; }
+
+DK_HD bool huge_row_lse(float lse) { return huge_z(lse); }
 
 // dL/dx_j of one element of such a row, from its raw logit x, the row's statistics m and log s
+// (also every element of a vocabulary shard of such a row: m and log s are then the merged row's)
 DK_HD float huge_logit_grad(float x, bool is_target, float m, float log_s, float entropy, float g, float h,
                             float inv_tau) {
   const float log_p = (rounded_mul(x, inv_tau) - m) - log_s;
   return logit_grad(log_p, dk_exp(log_p), is_target, entropy, g, h, inv_tau);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vocabulary shards (tensor-parallel logits): a rank holds the columns [vocab_start, vocab_start + V)
+// of every row. shard_stats reduces each shard as the forward reduces a row; the caller merges the
+// shards' statistics in rank order (softmax_merge) and shard_grad_rows takes the merged m and log s.
+// ---------------------------------------------------------------------------------------------
+
+// The column of the (global) target y in the shard, or -1 when y is outside it (any value: another
+// shard's target, or out of every range); never overflows.
+DK_HD int64_t shard_column(int64_t y, int64_t vocab_start, int64_t V) {
+  return y >= vocab_start && y - vocab_start < V ? y - vocab_start : -1;
+}
+
+// A shard row whose gradient is exact zeros without reading the logits: g = h = 0 and merged statistics
+// that are not NaN (an unscored row's are {-inf, log 0 = -inf}; a NaN or +inf logit makes them NaN,
+// and the row NaN, as grad_rows does for a NaN lse).
+DK_HD bool shard_grad_zero(float m, float log_s, float g, float h) {
+  return g == 0.0f && h == 0.0f && !isnan(m) && !isnan(log_s);
 }
 
 }  // namespace deltal_kernels

@@ -63,8 +63,42 @@ struct FusedPointers {
   float grad_scale;
 };
 
+// shard_stats: one vocabulary shard of each row [N, V] (the columns [vocab_start, vocab_start + V)) in,
+// its softmax statistics and target logit out
+struct ShardStatsPointers {
+  const void* logits;
+  const int64_t* targets;  // global ids
+  const bool* scored;
+  int64_t N;
+  int64_t V;
+  int64_t vocab_start;
+  float inv_tau;
+  bool need_entropy;
+  float* m;
+  float* s;
+  float* u;
+  float* zt;
+};
+
+// shard_grad_rows: the shard's gradient [N, V] from the merged row statistics m, log s, H and g, h
+struct ShardGradPointers {
+  const void* logits;
+  void* out;  // may be logits itself
+  const int64_t* targets;  // global ids
+  const float* m;
+  const float* log_s;
+  const float* entropy;
+  const float* g;
+  const float* h;
+  int64_t N;
+  int64_t V;
+  int64_t vocab_start;
+  float inv_tau;
+};
+
 static_assert(std::is_trivially_copyable_v<ForwardPointers> && std::is_trivially_copyable_v<GradPointers> &&
-                  std::is_trivially_copyable_v<FusedPointers>,
+                  std::is_trivially_copyable_v<FusedPointers> && std::is_trivially_copyable_v<ShardStatsPointers> &&
+                  std::is_trivially_copyable_v<ShardGradPointers>,
               "the pointer structs are CUDA kernel arguments");
 
 // ---------------------------------------------------------------------------------------------
@@ -97,6 +131,15 @@ DK_HD void store_unscored_row(const ForwardPointers& a, int64_t row) {
 // g and h of a scored row's gradient in the fused kernels, from the row's forward result
 DK_HD GradFactors fused_grad_factors(const FusedPointers& f, int64_t row, const RowResult& r) {
   return weighted_grad_factors(f.row_weights[row], f.grad_scale, r.terms.dlogp, f.fwd.params.entropy_coef);
+}
+
+// The statistics of one shard row (u = 0 unless need_entropy) and its target logit (0 when another
+// shard holds the target); an unscored row stores the empty part {-inf, 0, 0} and zt = 0.
+DK_HD void store_shard_stats(const ShardStatsPointers& a, int64_t row, SoftmaxStats st, float zt) {
+  a.m[row] = st.m;
+  a.s[row] = st.s;
+  a.u[row] = a.need_entropy ? st.u : 0.0f;
+  a.zt[row] = zt;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -150,6 +193,41 @@ inline FusedPointers fused_pointers(const at::Tensor& logits, const at::Tensor& 
   return FusedPointers{forward_pointers(logits, targets, scored, old_logprobs, ref_logprobs, advantages, params,
                                         inv_tau, need_entropy, out),
                        grad.data_ptr(), row_weights.const_data_ptr<float>(), grad_scale};
+}
+
+inline ShardStatsPointers shard_stats_pointers(const at::Tensor& logits, const at::Tensor& targets,
+                                               const at::Tensor& scored, int64_t vocab_start, float inv_tau,
+                                               bool need_entropy, ShardStatsOutputs& out) {
+  return ShardStatsPointers{logits.const_data_ptr(),
+                            targets.const_data_ptr<int64_t>(),
+                            scored.const_data_ptr<bool>(),
+                            logits.size(0),
+                            logits.size(1),
+                            vocab_start,
+                            inv_tau,
+                            need_entropy,
+                            out.m.mutable_data_ptr<float>(),
+                            out.s.mutable_data_ptr<float>(),
+                            out.u.mutable_data_ptr<float>(),
+                            out.zt.mutable_data_ptr<float>()};
+}
+
+inline ShardGradPointers shard_grad_pointers(const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
+                                             const at::Tensor& m, const at::Tensor& log_s, const at::Tensor& entropy,
+                                             const at::Tensor& g, const at::Tensor& h, float inv_tau,
+                                             const at::Tensor& out) {
+  return ShardGradPointers{logits.const_data_ptr(),
+                           out.data_ptr(),
+                           targets.const_data_ptr<int64_t>(),
+                           m.const_data_ptr<float>(),
+                           log_s.const_data_ptr<float>(),
+                           entropy.const_data_ptr<float>(),
+                           g.const_data_ptr<float>(),
+                           h.const_data_ptr<float>(),
+                           logits.size(0),
+                           logits.size(1),
+                           vocab_start,
+                           inv_tau};
 }
 
 // One of three instances of a kernel (or launcher) by the logits' dtype: float32, float16, bfloat16.
