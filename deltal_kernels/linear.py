@@ -45,6 +45,7 @@ from ._checks import describe
 from .dispatch import _load, resolve_backend, weighted_sum
 from .loss import kernel_output, objective_output
 from .output import PolicyLossOutput
+from .parallel import merged_rows, vocab_shard
 from .validation import check_matrix, prepare
 
 # default byte budget of the [C, V] chunk buffer, per device type
@@ -153,13 +154,15 @@ def _add_weight_grad(acc, dlogits, hidden_c, block_rows):
 class _Prepared:
     """Everything the chunk loop needs, computed once by ``linear_policy_loss``."""
 
-    def __init__(self, batch, name, chunk_rows, need_grads, accumulate, dtype):
+    def __init__(self, batch, name, chunk_rows, need_grads, accumulate, dtype, shard=None, reduce_hidden_grad=True):
         self.b = batch
         self.backend = name
         self.chunk_rows = chunk_rows
         self.need_hidden, self.need_weight, self.need_bias = need_grads
         self.accumulate = accumulate
         self.dtype = dtype  # of the matmuls and the logits chunks: the inputs', or autocast's
+        self.shard = shard  # parallel.VocabShard: the weight is this rank's rows of the head, or None
+        self.reduce_hidden_grad = reduce_hidden_grad  # sum hidden's gradient over the shard's group
 
 
 def head_operands(weight, bias, dtype):
@@ -352,8 +355,10 @@ class _LinearStatsFn(torch.autograd.Function):
     """logp_t and H_t of every row from hidden @ weight.T + bias, chunk by chunk (the two-pass schedule).
 
     For objectives whose dL/dlogp_t needs every row first (GSPO's sequence ratio, CISPO, rollout
-    correction, separately weighted KL/entropy): the forward keeps only lse; the backward rebuilds
-    each chunk's logits (a fourth matmul), writes dL/dlogits into it and runs the two gradient matmuls.
+    correction, separately weighted KL/entropy), and for a vocabulary-sharded head: the forward keeps
+    only lse (sharded: the merged m and log s); the backward rebuilds each chunk's logits (a fourth
+    matmul), writes dL/dlogits into it and runs the two gradient matmuls. Sharded, each chunk's
+    statistics are merged over the group (one all-gather per chunk; every rank runs the same chunks).
     """
 
     @staticmethod
@@ -365,6 +370,8 @@ class _LinearStatsFn(torch.autograd.Function):
         cd = b.old_logprobs.dtype
         logp = torch.zeros(N, dtype=cd, device=hidden.device)
         entropy, lse = torch.zeros_like(logp), torch.zeros_like(logp)
+        shard = prep.shard
+        log_s = None if shard is None else torch.zeros_like(logp)  # sharded, lse holds the merged m
         zeros = torch.zeros(N, dtype=cd, device=hidden.device)
         params = b.params._replace(kl_type=0, kl_coef=0.0, entropy_coef=0.0)  # statistics only
         C = min(prep.chunk_rows, max(int(b.scored.sum()), 1))
@@ -374,11 +381,16 @@ class _LinearStatsFn(torch.autograd.Function):
         for sl, idx in _chunk_rows_iter(b, C):
             hid = (hd[sl] if idx is None else hd.index_select(0, idx)).to(prep.dtype)
             logits = chunk_logits(hid, wd, bd, buffer[:hid.shape[0]])
-            lp, ent, ls, *_ = module.forward_rows(logits, b.targets[sl], b.scored[sl], zeros[sl], None, zeros[sl],
-                                                  params, b.need_entropy)
-            logp[sl], entropy[sl], lse[sl] = lp, ent, ls
+            if shard is None:
+                lp, ent, ls, *_ = module.forward_rows(logits, b.targets[sl], b.scored[sl], zeros[sl], None,
+                                                      zeros[sl], params, b.need_entropy)
+                logp[sl], entropy[sl], lse[sl] = lp, ent, ls
+            else:
+                rows = merged_rows(module, logits, b.targets[sl], b.scored[sl], shard, params.temperature,
+                                   b.need_entropy)
+                logp[sl], entropy[sl], lse[sl], log_s[sl] = rows.logp, rows.entropy, rows.m, rows.log_s
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(hidden, weight, bias, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, lse, entropy, log_s)
         ctx.prep = prep
         return logp, entropy, lse
 
@@ -393,8 +405,9 @@ class _LinearStatsFn(torch.autograd.Function):
     @once_differentiable
     @_autocast_off
     def _first_order(ctx, d_logp, d_entropy):
-        hidden, weight, bias, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, lse, entropy, log_s = ctx.saved_tensors
         prep = ctx.prep
+        shard = prep.shard
         b = prep.b
         module = _load(prep.backend)
         g = d_logp if d_logp is not None else torch.zeros_like(lse)
@@ -413,13 +426,23 @@ class _LinearStatsFn(torch.autograd.Function):
         for sl, idx in _chunk_rows_iter(b, C):
             hid = (hidden[sl] if idx is None else hidden.index_select(0, idx)).to(prep.dtype)
             logits = chunk_logits(hid, wd, bd, buffer[:hid.shape[0]])
-            module.grad_rows(logits, b.targets[sl], lse[sl], entropy[sl], g[sl], h[sl], b.params.temperature, logits)
+            if shard is None:
+                module.grad_rows(logits, b.targets[sl], lse[sl], entropy[sl], g[sl], h[sl], b.params.temperature,
+                                 logits)
+            else:
+                module.shard_grad_rows(logits, b.targets[sl], shard.start, lse[sl], log_s[sl], entropy[sl], g[sl],
+                                       h[sl], b.params.temperature, logits)
             if gh is not None:
                 _rows_grad_into(gh, logits, wd, sl, idx)
             if gw is not None:
                 _add_weight_grad(gw, logits, hid, block_rows)
             if gb is not None:
                 gb += logits.sum(0, dtype=gb.dtype)
+        if gh is not None and shard is not None and prep.reduce_hidden_grad:
+            # each rank's head rows give part of dL/dhidden: the whole of it on every rank
+            import torch.distributed as dist
+
+            dist.all_reduce(gh, group=shard.group)
         return (gh, None if gw is None else gw.to(weight.dtype),
                 None if gb is None else gb.to(bias.dtype), None)
 
@@ -443,7 +466,8 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
                        ratio_level="token", objective="ppo", rollout_logprobs=None, rollout_correction=None,
                        rollout_clip=(None, 3.0), kl_entropy_agg=None, kl_entropy_weights=None,
                        with_entropy=False, inplace_backward=False, backend="auto", chunk_rows=None,
-                       accumulate_weight_grad=False) -> PolicyLossOutput:
+                       accumulate_weight_grad=False, vocab_start=None, vocab_group=None,
+                       reduce_hidden_grad=True) -> PolicyLossOutput:
     """``policy_loss(hidden @ weight.T + bias, ...)`` without the [N, V] logits (SPEC section 2.1).
 
     Token-level PPO (the default objective) runs in one pass: each chunk's gradient is final when the
@@ -462,8 +486,22 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
     weight's gradient straight into ``weight.grad`` (a leaf) during the forward instead of holding a
     float32 [V, H] accumulator; the loss must then be backpropagated unscaled (d_loss == 1, checked
     on the device).
+
+    vocab_group, vocab_start: weight [V_r, H] and bias [V_r] are this rank's rows of a column-parallel
+    head, the vocabulary ids [vocab_start, vocab_start + V_r) (``parallel``); hidden is the same on
+    every rank. It runs the two-pass schedule with each chunk's statistics merged over the group.
+    Every rank returns the same loss; weight's and bias's gradients are this rank's rows; hidden's
+    is summed over the group (an all-reduce in the backward) unless ``reduce_hidden_grad=False``, for
+    a framework whose layer already all-reduces it (Megatron's column-parallel linear does).
     """
     N, H, V = check_linear(hidden, weight, bias)
+    shard = None
+    if vocab_group is not None or vocab_start is not None:
+        if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (N,):
+            raise ValueError(f"targets: expected a tensor of shape ({N},) beside hidden [N, H]")
+        shard = vocab_shard((N, V), hidden.device, targets, vocab_start, vocab_group, loss_mask)
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(f"reduce_hidden_grad: expected a bool, got {reduce_hidden_grad!r}")
     dtype = head_dtype(hidden) or hidden.dtype
     stand_in = _LogitsShape(N, V, dtype, hidden.device)
     b = prepare(stand_in, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
@@ -472,25 +510,30 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
                 entropy_coef=entropy_coef, temperature=temperature, with_entropy=with_entropy,
                 ratio_level=ratio_level, objective=objective, rollout_logprobs=rollout_logprobs,
                 rollout_correction=rollout_correction, rollout_clip=rollout_clip, kl_entropy_agg=kl_entropy_agg,
-                kl_entropy_weights=kl_entropy_weights, rows="the hidden states")
+                kl_entropy_weights=kl_entropy_weights, rows="the hidden states",
+                vocab_size=None if shard is None else shard.vocab_size)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
     if not isinstance(accumulate_weight_grad, bool):
         raise TypeError(f"accumulate_weight_grad: expected a bool, got {accumulate_weight_grad!r}")
     name = check_backend(backend, hidden.device, dtype)
-    C = resolve_chunk_rows(chunk_rows, V, dtype, hidden.device)
+    if shard is not None and not hasattr(_load(name), "shard_stats"):
+        raise ValueError(f"backend: {name!r} has no kernels for vocabulary-sharded rows (vocab_group)")
+    # sharded, every rank must run the same chunks (a collective each): rows from the widest shard
+    C = resolve_chunk_rows(chunk_rows, V if shard is None else max(shard.sizes), dtype, hidden.device)
 
     grad_on = torch.is_grad_enabled()
     need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
     if accumulate_weight_grad and need[1]:
         check_accumulate(weight)
-    prep = _Prepared(b, name, C, need, accumulate_weight_grad and need[1], dtype)
-    if not b.objective.is_default:
-        # dL/dlogp_t needs every row's logp first: statistics pass, [N]-sized objective, recompute in backward
+    prep = _Prepared(b, name, C, need, accumulate_weight_grad and need[1], dtype, shard, reduce_hidden_grad)
+    if not b.objective.is_default or shard is not None:
+        # dL/dlogp_t needs every row's logp first (or, sharded, the merged statistics): statistics pass,
+        # [N]-sized objective, recompute in backward
         if accumulate_weight_grad:
             raise ValueError("accumulate_weight_grad: needs the one-pass schedule (token-level PPO, no rollout "
-                             "correction, kl_entropy_agg=None)")
+                             "correction, kl_entropy_agg=None, no vocab_group)")
 
         if any(need):
             logp, entropy, _ = _LinearStatsFn.apply(hidden, weight, bias, prep)

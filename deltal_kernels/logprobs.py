@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import _load
+from .parallel import merged_rows, vocab_parallel_rows, vocab_shard
 from .linear import (_LogitsShape, check_backend, check_linear, chunk_logits, head_dtype, head_operands,
                      resolve_chunk_rows)
 from .validation import prepare
@@ -27,7 +28,7 @@ from .validation import prepare
 FIXED_CHUNK_ROWS = 256
 
 
-def _prepare(logits, targets, temperature, with_entropy, loss_mask, rows="the logits"):
+def _prepare(logits, targets, temperature, with_entropy, loss_mask, rows="the logits", vocab_size=None):
     """validation.prepare's checks of the arguments these functions share (logits may be a stand-in)."""
     N = logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else 0
     dev = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
@@ -36,20 +37,34 @@ def _prepare(logits, targets, temperature, with_entropy, loss_mask, rows="the lo
     return prepare(logits, targets, zeros, zeros, cu, loss_mask=loss_mask, ref_logprobs=None, weights=None,
                    agg="token-mean", alpha=1.0, max_len=None, clip_low=0.2, clip_high=0.2, dual_clip=None,
                    kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=temperature, with_entropy=with_entropy,
-                   rows=rows)
+                   rows=rows, vocab_size=vocab_size)
 
 
-def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, loss_mask=None, backend="auto"):
+def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, loss_mask=None, backend="auto",
+                   vocab_start=None, vocab_group=None):
     """log_softmax(logits / temperature)[targets] per row, and the entropy when ``with_entropy``.
 
     logits [N, V] (float32/float16/bfloat16; float64 on backend="torch"), targets [N] int, loss_mask
     [N] (rows outside it get 0 and cost nothing). Returns (logprobs [N], entropy [N] or None),
-    detached, batch-invariant.
+    detached, batch-invariant. vocab_group, vocab_start: the logits are this rank's vocabulary shard
+    (see ``policy_loss``); every rank returns the whole rows' values.
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits: expected a tensor [N, V], got {type(logits).__name__}")
-    b = _prepare(logits, targets, temperature, with_entropy, loss_mask)
+    shard = None
+    if vocab_group is not None or vocab_start is not None:
+        if not isinstance(targets, torch.Tensor) or logits.dim() != 2 or tuple(targets.shape) != (logits.shape[0],):
+            raise ValueError("targets: expected a tensor [N] beside logits [N, V_r]")
+        shard = vocab_shard(logits.shape, logits.device, targets, vocab_start, vocab_group, loss_mask)
+    b = _prepare(logits, targets, temperature, with_entropy, loss_mask,
+                 vocab_size=None if shard is None else shard.vocab_size)
     name = check_backend(backend, logits.device, logits.dtype, arg="logits")
+    if shard is not None:
+        if not hasattr(_load(name), "shard_stats"):
+            raise ValueError(f"backend: {name!r} has no kernels for vocabulary-sharded rows (vocab_group)")
+        with torch.no_grad():
+            logp, entropy = vocab_parallel_rows(b, name, shard, inplace=False)
+        return logp, (entropy if with_entropy else None)
     with torch.no_grad():
         logp, entropy, *_ = _load(name).forward_rows(b.logits.detach().contiguous(), b.targets, b.scored,
                                                      b.old_logprobs, None, b.advantages, b.params, b.need_entropy)
@@ -57,20 +72,29 @@ def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, loss
 
 
 def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, with_entropy=False, loss_mask=None,
-                          backend="auto", chunk_rows=None):
+                          backend="auto", chunk_rows=None, vocab_start=None, vocab_group=None):
     """``token_logprobs(hidden @ weight.T + bias, ...)`` one fixed-shape chunk of rows at a time.
 
     hidden [N, H], weight [V, H] (nn.Linear layout), bias [V] or None. Rows outside ``loss_mask``
     never enter the matmul. Returns (logprobs [N], entropy [N] or None), detached, batch-invariant
     for a given ``chunk_rows`` (see the module docstring). Under ``torch.autocast`` the matmuls run
-    in the autocast dtype, as ``F.linear`` would there.
+    in the autocast dtype, as ``F.linear`` would there. vocab_group, vocab_start: weight and bias
+    are this rank's rows of a column-parallel head (see ``linear_policy_loss``).
     """
     N, H, V = check_linear(hidden, weight, bias)
+    shard = None
+    if vocab_group is not None or vocab_start is not None:
+        if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (N,):
+            raise ValueError(f"targets: expected a tensor of shape ({N},) beside hidden [N, H]")
+        shard = vocab_shard((N, V), hidden.device, targets, vocab_start, vocab_group, loss_mask)
     dtype = head_dtype(hidden) or hidden.dtype
     b = _prepare(_LogitsShape(N, V, dtype, hidden.device), targets, temperature, with_entropy, loss_mask,
-                 rows="the hidden states")
+                 rows="the hidden states", vocab_size=None if shard is None else shard.vocab_size)
     name = check_backend(backend, hidden.device, dtype)
-    C = resolve_chunk_rows(chunk_rows, V, dtype, hidden.device)
+    if shard is not None and not hasattr(_load(name), "shard_stats"):
+        raise ValueError(f"backend: {name!r} has no kernels for vocabulary-sharded rows (vocab_group)")
+    # sharded, every rank runs the same chunks (a collective each): the rows of the widest shard's budget
+    C = resolve_chunk_rows(chunk_rows, V if shard is None else max(shard.sizes), dtype, hidden.device)
     if chunk_rows is None:  # every chunk is padded to C rows: a small fixed shape wastes little on small batches
         C = min(C, FIXED_CHUNK_ROWS)
     module = _load(name)
@@ -98,7 +122,10 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
             scored[:c] = True
             scored[c:] = False  # padding rows do no V work
             chunk_logits(hid, weight_d, bias_d, logits)
-            lp, ent, *_ = module.forward_rows(logits, tgt, scored, zero, None, zero, b.params, b.need_entropy)
+            if shard is None:
+                lp, ent, *_ = module.forward_rows(logits, tgt, scored, zero, None, zero, b.params, b.need_entropy)
+            else:
+                _, _, lp, ent = merged_rows(module, logits, tgt, scored, shard, b.params.temperature, b.need_entropy)
             logp[idx] = lp[:c]
             entropy[idx] = ent[:c]
     return logp, (entropy if with_entropy else None)

@@ -5,10 +5,11 @@ import inspect
 
 import torch
 
-from .dispatch import has_fused_gradient, resolve_backend, rows_forward, rows_forward_fused, rows_stats, weighted_sum
+from .dispatch import _load, has_fused_gradient, resolve_backend, rows_forward, rows_forward_fused, rows_stats, weighted_sum
 from .output import PolicyLossOutput, token_means
+from .parallel import vocab_parallel_rows, vocab_shard
 from .reference import objective_terms
-from .validation import prepare
+from .validation import check_matrix, prepare
 
 
 def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask=None, ref_logprobs=None,
@@ -16,7 +17,8 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
                 dual_clip=None, kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=1.0,
                 ratio_level="token", objective="ppo", rollout_logprobs=None, rollout_correction=None,
                 rollout_clip=(None, 3.0), kl_entropy_agg=None, kl_entropy_weights=None,
-                with_entropy=False, inplace_backward=False, backend="auto") -> PolicyLossOutput:
+                with_entropy=False, inplace_backward=False, backend="auto", vocab_start=None,
+                vocab_group=None) -> PolicyLossOutput:
     """RLVR policy loss over packed ragged sequences, straight from the logits (SPEC sections 1-2).
 
     logits [N, V] (float32/float16/bfloat16; float64 on backend="torch"), targets [N], old_logprobs
@@ -26,15 +28,23 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
     ``rollout_*`` and ``kl_entropy_*`` choose GSPO's sequence ratio, CISPO, rollout correction and
     separately aggregated KL/entropy terms (README, "Objectives"). Returns a ``PolicyLossOutput``
     whose ``loss`` is differentiable w.r.t. ``logits`` only.
+
+    vocab_group, vocab_start: the logits are this rank's vocabulary shard, the columns
+    [vocab_start, vocab_start + V_r) of every row, of a tensor-parallel group (``parallel``); targets
+    are global ids. Every rank returns the same loss, log-probs and metrics, and its own shard's gradient.
     """
-    b, name = _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
+    b, name, shard = _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
                             ref_logprobs=ref_logprobs, weights=weights, agg=agg, alpha=alpha, max_len=max_len,
                             clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                             kl_type=kl_type, entropy_coef=entropy_coef, temperature=temperature,
                             ratio_level=ratio_level, objective=objective, rollout_logprobs=rollout_logprobs,
                             rollout_correction=rollout_correction, rollout_clip=rollout_clip,
                             kl_entropy_agg=kl_entropy_agg, kl_entropy_weights=kl_entropy_weights,
-                            with_entropy=with_entropy, inplace_backward=inplace_backward, backend=backend)
+                            with_entropy=with_entropy, inplace_backward=inplace_backward, backend=backend,
+                            vocab_start=vocab_start, vocab_group=vocab_group)
+    if shard is not None:  # vocabulary-parallel rows: merged statistics, the objective in [N]-sized ops
+        logp, entropy = vocab_parallel_rows(b, name, shard, inplace_backward)
+        return objective_output(b, logp, entropy)
     p = b.params
     if not b.objective.is_default:
         # the kernels' statistics pass, the objective as [N]-sized torch ops (autograd gives dL/dlogp_t
@@ -84,9 +94,19 @@ def objective_output(b, logp, entropy) -> PolicyLossOutput:
                             metrics=metrics)
 
 
-def _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, *, inplace_backward, backend, **options):
-    """Every argument check of ``policy_loss``; returns the prepared batch and the backend to run."""
-    b = prepare(logits, targets, old_logprobs, advantages, cu_seqlens, **options)
+def _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, *, inplace_backward, backend,
+                  vocab_start=None, vocab_group=None, **options):
+    """Every argument check of ``policy_loss``; returns the prepared batch, the backend to run and the
+    vocabulary shard (None for whole rows)."""
+    shard = None
+    if vocab_group is not None or vocab_start is not None:
+        check_matrix("logits", logits, "[N, V]")
+        if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (logits.shape[0],):
+            raise ValueError(f"targets: expected a tensor of shape ({logits.shape[0]},), got {targets!r:.80}")
+        shard = vocab_shard(logits.shape, logits.device, targets, vocab_start, vocab_group,
+                            options.get("loss_mask"))
+    b = prepare(logits, targets, old_logprobs, advantages, cu_seqlens,
+                vocab_size=None if shard is None else shard.vocab_size, **options)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
     if inplace_backward and not logits.is_contiguous():
@@ -95,7 +115,9 @@ def _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, *, inpl
     if name != "torch" and logits.dtype == torch.float64:
         raise TypeError(f"logits: backend {name!r} takes float32, float16 or bfloat16 logits; "
                         "float64 runs on backend='torch'")
-    return b, name
+    if shard is not None and not hasattr(_load(name), "shard_stats"):
+        raise ValueError(f"backend: {name!r} has no kernels for vocabulary-sharded rows (vocab_group)")
+    return b, name, shard
 
 
 def validate(logits, targets, old_logprobs, advantages, cu_seqlens, **options) -> None:

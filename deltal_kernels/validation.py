@@ -209,11 +209,12 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
             agg, alpha, max_len, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef,
             temperature, with_entropy, ratio_level="token", objective="ppo", rollout_logprobs=None,
             rollout_correction=None, rollout_clip=(None, 3.0), kl_entropy_agg=None,
-            kl_entropy_weights=None, rows="the logits") -> Batch:
+            kl_entropy_weights=None, rows="the logits", vocab_size=None) -> Batch:
     """Check every argument (SPEC section 3) and build the row-level view of the batch.
 
     rows: what the errors call the [N, ...] tensor the rows come from ("the hidden states" for the
-    fused LM head, whose logits the caller never sees)."""
+    fused LM head, whose logits the caller never sees). vocab_size: the whole vocabulary V when the
+    logits are one shard of it (targets are global ids), else the logits' width."""
     check_matrix("logits", logits, "[N, V]")
     N, V = logits.shape
     if V == 0:
@@ -258,7 +259,8 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
 
     # value checks need the data; under torch.compile they would break the graph, so they run eagerly only
     if not torch.compiler.is_compiling():
-        check_values(N, V, cu_seqlens, targets, advantages, loss_mask, weights, kl_entropy_weights, rows)
+        check_values(N, vocab_size or V, cu_seqlens, targets, advantages, loss_mask, weights, kl_entropy_weights,
+                     rows)
     cu_seqlens = safe_offsets(cu_seqlens, N)
 
     cd = compute_dtype(logits)
