@@ -255,6 +255,11 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
     """The gradient row contract (see ``dispatch.rows_grad``): writes dL/dlogits into ``out``.
 
     ``out`` may be ``logits`` itself (in-place backward).
+
+    Two launches of ``_grad_kernel``: the rows whose lse is not huge (the streaming loops, no exact
+    pass in their code: it would cost the kernel registers and resident programs), then the rows of
+    huge logits (|lse| >= 2^24 ln 2, never a trained model's) by the exact pass, which only loads the
+    lse of every other row. Each row is written by exactly one of them.
     """
     _check_logits(logits)
     _check_out(logits, out)
@@ -264,13 +269,14 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
     f32 = torch.float32
     itemsize = logits.element_size()
     block, num_warps = block_config(V, itemsize)
-    with _on_device(logits):
-        _k._grad_kernel[_grid(N)](
-            logits, logits.stride(0), out, out.stride(0), targets.to(torch.int64).contiguous(),
+    args = (logits, logits.stride(0), out, out.stride(0), targets.to(torch.int64).contiguous(),
             lse.to(f32).contiguous(), entropy.to(f32).contiguous(), g.to(f32).contiguous(), h.to(f32).contiguous(),
-            N, V, 1.0 / temperature, BLOCK=block, BF16_BY_HAND=INTERPRETED, VEC=vec_elements(itemsize),
-            ROW_ALIGNED=rows_aligned(logits, out), FAST_EXP=FAST_EXP, **launch_options(num_warps),
-        )
+            N, V, 1.0 / temperature)
+    options = dict(BLOCK=block, BF16_BY_HAND=INTERPRETED, VEC=vec_elements(itemsize),
+                   ROW_ALIGNED=rows_aligned(logits, out), FAST_EXP=FAST_EXP, **launch_options(num_warps))
+    with _on_device(logits):
+        for rows in (_k.ORDINARY_ROWS, _k.HUGE_ROWS):
+            _k._grad_kernel[_grid(N)](*args, ROWS=rows, **options)
     return out
 
 

@@ -22,7 +22,10 @@ N <= MAX_PROGRAMS, which is the common case; no grid dimension limits N):
     constants a, b (4-6 instructions per element); the one-hot term is added to the target's element
     after the row (a barrier, then one store). Rows with g == 0 and h == 0 store zeros without
     reading the logits. Rows of huge logits (|lse| * log2(e) >= 2^24, where the float32 lse has lost
-    log s) are first reduced again as the forward's exact pass does, and use m and log s instead.
+    log s) are first reduced again as the forward's exact pass does, and use m and log s instead: in
+    the separate gradient by a launch of their own (ROWS = HUGE_ROWS), so that the ordinary launch
+    (ORDINARY_ROWS) has no exact pass in its code (it took 34 registers more with Triton 3.6, and half
+    the fp32 kernel's resident programs); the fused forward and the shard gradient keep both bodies.
     ``out`` may alias ``logits`` (in-place backward): each element is read by the thread that writes
     it, before it writes it; x[y] is read before the row's first store.
 
@@ -555,16 +558,61 @@ def _grad_exact(x_row, out_row, V, k, m2, log2_s, a, b, BLOCK: tl.constexpr, BF1
         tl.store(out_row + offs, _round_to(grad, out_row.dtype.element_ty, BF16_BY_HAND), mask=offs < V)
 
 
+# Which rows a _grad_row call writes: all of them (the fused forward, the shard gradient), or, for the
+# separate gradient kernel's two launches, only the ordinary rows or only the rows of huge logits.
+ALL_ROWS = tl.constexpr(0)
+ORDINARY_ROWS = tl.constexpr(1)
+HUGE_ROWS = tl.constexpr(2)
+
+
+@triton.jit
+def _is_huge(lse2):
+    """A row of huge logits: |lse| * log2(e) >= 2^24 and finite (its float32 lse has lost log s)."""
+    return (tl.abs(lse2) >= HUGE_LOG2) & (tl.abs(lse2) < float("inf"))
+
+
+@triton.jit
+def _grad_body(x_row, out_row, V, k, lse2, a, b, h, BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+               VEC: tl.constexpr, FAST_EXP: tl.constexpr):
+    """An ordinary row's gradient but its one-hot term, from the saved lse (the streaming loops)."""
+    if h != 0.0:
+        _grad_chunks(x_row, out_row, V, k, lse2, a, b, True, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+    else:
+        _grad_chunks(x_row, out_row, V, k, lse2, a, b, False, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+
+
+@triton.jit
+def _grad_body_huge(x_row, out_row, V, k, a, b, BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr,
+                    VEC: tl.constexpr, FAST_EXP: tl.constexpr, SHARD: tl.constexpr, m, log_s):
+    """A huge row's gradient but its one-hot term; returns the row's (m2, log2 s). lse = m + log s has lost
+    log s (p = 1 for 1/V at 1e30), and x k - lse2 the product's rounding residual: the row's statistics
+    again, as the forward's exact pass computes them (its reductions read the row before any store), or
+    with SHARD the whole row's merged m and log s, given (a shard has only part of the row). a is 0
+    without h."""
+    if SHARD:
+        m2 = m
+        log2_s = log_s * LOG2E
+    else:
+        IS_BF16: tl.constexpr = x_row.dtype.element_ty == tl.bfloat16
+        IS_16BIT: tl.constexpr = IS_BF16 | (x_row.dtype.element_ty == tl.float16)
+        m2, s_row, _ = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, False, FAST_EXP, True)
+        log2_s = tl.log2(s_row)
+    _grad_exact(x_row, out_row, V, k, m2, log2_s, a, b, BLOCK, BF16_BY_HAND, FAST_EXP, SHARD)
+    return m2, log2_s
+
+
 @triton.jit
 def _grad_row(x_row, out_row, V, target, x_y, lse, entropy, g, h, inv_tau, BLOCK: tl.constexpr,
               BF16_BY_HAND: tl.constexpr, VEC: tl.constexpr, ROW_ALIGNED: tl.constexpr, FAST_EXP: tl.constexpr,
-              SHARD: tl.constexpr = False, m=0.0, log_s=0.0):
+              SHARD: tl.constexpr = False, m=0.0, log_s=0.0, ROWS: tl.constexpr = ALL_ROWS):
     """One row of dL/dx = (g * (onehot(y) - p) - h * p * (log p + H)) / tau, written to out_row.
 
     x_y (the target's logit, float32) was read by the caller before any store to the row.
     SHARD: the row is one vocabulary shard of a whole row (target relative to the shard, outside it when
     not in [0, V)) whose merged statistics m and log s (natural units, shard.py) are given, lse = m + log s:
-    huge rows take their offsets from them, as the shard cannot reduce the whole row."""
+    huge rows take their offsets from them, as the shard cannot reduce the whole row.
+    ROWS: ALL_ROWS takes either body by the row's lse; ORDINARY_ROWS and HUGE_ROWS compile only one of
+    them, for a caller that gives only such rows (_grad_kernel's two launches; _is_huge decides)."""
     if SHARD:  # the shard contract: only a NaN m or log s makes a row with g == h == 0 NaN
         active = (g != 0.0) | (h != 0.0) | (m != m) | (log_s != log_s)
     else:
@@ -577,26 +625,23 @@ def _grad_row(x_row, out_row, V, target, x_y, lse, entropy, g, h, inv_tau, BLOCK
         # dL/dx_j = p_j * (b + a * log2 p_j) (+ g / tau at the target), log p = log2 p * ln 2
         a = -(h * LN2) * inv_tau
         b = -(g + h * entropy) * inv_tau
-        if (tl.abs(lse2) >= HUGE_LOG2) & (tl.abs(lse2) < float("inf")):
-            # huge logits: lse = m + log s has lost log s (p = 1 for 1/V at 1e30), and x k - lse2 the
-            # product's rounding residual: the row's statistics again, as the forward's exact pass
-            # computes them (its reductions read the row before any store). a is 0 without h.
-            if SHARD:  # the whole row's, given (a shard has only part of the row)
-                m2 = m
-                log2_s = log_s * LOG2E
-            else:
-                IS_BF16: tl.constexpr = x_row.dtype.element_ty == tl.bfloat16
-                IS_16BIT: tl.constexpr = IS_BF16 | (x_row.dtype.element_ty == tl.float16)
-                m2, s_row, _ = _row_stats(x_row, V, k, BLOCK, VEC, IS_BF16, IS_16BIT, False, FAST_EXP, True)
-                log2_s = tl.log2(s_row)
-            _grad_exact(x_row, out_row, V, k, m2, log2_s, a, b, BLOCK, BF16_BY_HAND, FAST_EXP, SHARD)
+        if ROWS == ORDINARY_ROWS:
+            _grad_body(x_row, out_row, V, k, lse2, a, b, h, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+            grad_y = _grad_value(x_y, k, lse2, a, b, True, FAST_EXP)
+        elif ROWS == HUGE_ROWS:
+            m2, log2_s = _grad_body_huge(x_row, out_row, V, k, a, b, BLOCK, BF16_BY_HAND, VEC, FAST_EXP, SHARD, m,
+                                         log_s)
             grad_y = _grad_value_exact(x_y, k, m2, log2_s, a, b, FAST_EXP, SHARD)
         else:
-            if h != 0.0:
-                _grad_chunks(x_row, out_row, V, k, lse2, a, b, True, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+            # _is_huge(lse2), written out: the call's inlining scope moved ptxas's line labels and cost the
+            # fp16 fused kernel two registers
+            if (tl.abs(lse2) >= HUGE_LOG2) & (tl.abs(lse2) < float("inf")):
+                m2, log2_s = _grad_body_huge(x_row, out_row, V, k, a, b, BLOCK, BF16_BY_HAND, VEC, FAST_EXP, SHARD,
+                                             m, log_s)
+                grad_y = _grad_value_exact(x_y, k, m2, log2_s, a, b, FAST_EXP, SHARD)
             else:
-                _grad_chunks(x_row, out_row, V, k, lse2, a, b, False, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
-            grad_y = _grad_value(x_y, k, lse2, a, b, True, FAST_EXP)
+                _grad_body(x_row, out_row, V, k, lse2, a, b, h, BLOCK, BF16_BY_HAND, VEC, FAST_EXP)
+                grad_y = _grad_value(x_y, k, lse2, a, b, True, FAST_EXP)
         # the one-hot term: every thread has stored its part of the row (the barrier orders those
         # stores before this one, which overwrites the target's element)
         tl.debug_barrier()
@@ -612,27 +657,55 @@ def _grad_row(x_row, out_row, V, target, x_y, lse, entropy, g, h, inv_tau, BLOCK
 
 
 @triton.jit
+def _grad_kernel_row(logits_ptr, stride_x, out_ptr, stride_out, targets_ptr, lse_ptr, entropy_ptr, g_ptr, h_ptr,
+                     row64, V, inv_tau, BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr, VEC: tl.constexpr,
+                     ROW_ALIGNED: tl.constexpr, FAST_EXP: tl.constexpr, ROWS: tl.constexpr):
+    """_grad_kernel's row row64 if it is one of ROWS (ORDINARY_ROWS or HUGE_ROWS, by _is_huge of its lse);
+    nothing is stored to the other rows."""
+    g = tl.load(g_ptr + row64)
+    h = tl.load(h_ptr + row64)
+    x_off = row64 * stride_x
+    out_off = row64 * stride_out
+    if ROW_ALIGNED:
+        x_off = tl.multiple_of(x_off, VEC)
+        out_off = tl.multiple_of(out_off, VEC)
+    x_row = logits_ptr + x_off  # 64-bit row bases
+    target = tl.load(targets_ptr + row64)
+    # x[y] before the row's first store (out may be the logits)
+    x_y = tl.load(x_row + target, mask=(target >= 0) & (target < V), other=0.0).to(tl.float32)
+    tl.debug_barrier()  # every warp has read x[y] before any warp stores over it (in place)
+    lse = tl.load(lse_ptr + row64)
+    huge = _is_huge(lse * LOG2E)
+    if ROWS == HUGE_ROWS:
+        mine = huge  # (the caller has checked it already)
+    else:
+        mine = not huge
+    if mine:
+        # entropy/target are only used when g or h != 0 (loading them is harmless otherwise)
+        _grad_row(x_row, out_ptr + out_off, V, target, x_y, lse, tl.load(entropy_ptr + row64), g, h, inv_tau,
+                  BLOCK, BF16_BY_HAND, VEC, ROW_ALIGNED, FAST_EXP, False, 0.0, 0.0, ROWS)
+
+
+@triton.jit
 def _grad_kernel(
     logits_ptr, stride_x, out_ptr, stride_out, targets_ptr, lse_ptr, entropy_ptr, g_ptr, h_ptr,
     N, V, inv_tau, BLOCK: tl.constexpr, BF16_BY_HAND: tl.constexpr,
     VEC: tl.constexpr = 8, ROW_ALIGNED: tl.constexpr = False, FAST_EXP: tl.constexpr = False,
+    ROWS: tl.constexpr = ORDINARY_ROWS,
 ):
+    """The rows whose saved lse is not huge (ROWS = ORDINARY_ROWS: the streaming loops, no exact pass in
+    the code), or only the rows of huge logits (HUGE_ROWS: the exact pass; every other row costs it a load
+    of lse and a branch). grad_rows launches both: each row is written by exactly one of them, so out
+    may be the logits."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     for row in tl.range(pid, N, nprog):
         row64 = tl.cast(row, tl.int64)
-        g = tl.load(g_ptr + row64)
-        h = tl.load(h_ptr + row64)
-        x_off = row64 * stride_x
-        out_off = row64 * stride_out
-        if ROW_ALIGNED:
-            x_off = tl.multiple_of(x_off, VEC)
-            out_off = tl.multiple_of(out_off, VEC)
-        x_row = logits_ptr + x_off  # 64-bit row bases
-        target = tl.load(targets_ptr + row64)
-        # x[y] before the row's first store (out may be the logits)
-        x_y = tl.load(x_row + target, mask=(target >= 0) & (target < V), other=0.0).to(tl.float32)
-        tl.debug_barrier()  # every warp has read x[y] before any warp stores over it (in place)
-        # lse/entropy/target are only used when g or h != 0 (loading them is harmless otherwise)
-        _grad_row(x_row, out_ptr + out_off, V, target, x_y, tl.load(lse_ptr + row64), tl.load(entropy_ptr + row64),
-                  g, h, inv_tau, BLOCK, BF16_BY_HAND, VEC, ROW_ALIGNED, FAST_EXP)
+        if ROWS == HUGE_ROWS:
+            if _is_huge(tl.load(lse_ptr + row64) * LOG2E):
+                _grad_kernel_row(logits_ptr, stride_x, out_ptr, stride_out, targets_ptr, lse_ptr, entropy_ptr,
+                                 g_ptr, h_ptr, row64, V, inv_tau, BLOCK, BF16_BY_HAND, VEC, ROW_ALIGNED, FAST_EXP,
+                                 ROWS)
+        else:
+            _grad_kernel_row(logits_ptr, stride_x, out_ptr, stride_out, targets_ptr, lse_ptr, entropy_ptr, g_ptr,
+                             h_ptr, row64, V, inv_tau, BLOCK, BF16_BY_HAND, VEC, ROW_ALIGNED, FAST_EXP, ROWS)
