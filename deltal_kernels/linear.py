@@ -467,7 +467,7 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
                        rollout_clip=(None, 3.0), kl_entropy_agg=None, kl_entropy_weights=None,
                        with_entropy=False, inplace_backward=False, backend="auto", chunk_rows=None,
                        accumulate_weight_grad=False, vocab_start=None, vocab_group=None,
-                       reduce_hidden_grad=True) -> PolicyLossOutput:
+                       reduce_hidden_grad=True, sequence_group=None, row_index=None) -> PolicyLossOutput:
     """``policy_loss(hidden @ weight.T + bias, ...)`` without the [N, V] logits (SPEC section 2.1).
 
     Token-level PPO (the default objective) runs in one pass: each chunk's gradient is final when the
@@ -493,6 +493,7 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
     Every rank returns the same loss; weight's and bias's gradients are this rank's rows; hidden's
     is summed over the group (an all-reduce in the backward) unless ``reduce_hidden_grad=False``, for
     a framework whose layer already all-reduces it (Megatron's column-parallel linear does).
+    sequence_group, row_index: sequence-parallel rows, as in ``policy_loss``.
     """
     N, H, V = check_linear(hidden, weight, bias)
     shard = None
@@ -511,7 +512,8 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
                 ratio_level=ratio_level, objective=objective, rollout_logprobs=rollout_logprobs,
                 rollout_correction=rollout_correction, rollout_clip=rollout_clip, kl_entropy_agg=kl_entropy_agg,
                 kl_entropy_weights=kl_entropy_weights, rows="the hidden states",
-                vocab_size=None if shard is None else shard.vocab_size)
+                vocab_size=None if shard is None else shard.vocab_size, row_index=row_index,
+                sequence_group=sequence_group)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward: expected a bool, got {inplace_backward!r}")
     if not isinstance(accumulate_weight_grad, bool):

@@ -7,7 +7,7 @@ import torch
 
 from .dispatch import _load, has_fused_gradient, resolve_backend, rows_forward, rows_forward_fused, rows_stats, weighted_sum
 from .output import PolicyLossOutput, token_means
-from .parallel import vocab_parallel_rows, vocab_shard
+from .parallel import vocab_parallel_rows, vocab_shard, whole_batch_output
 from .reference import objective_terms
 from .validation import check_matrix, prepare
 
@@ -18,7 +18,7 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
                 ratio_level="token", objective="ppo", rollout_logprobs=None, rollout_correction=None,
                 rollout_clip=(None, 3.0), kl_entropy_agg=None, kl_entropy_weights=None,
                 with_entropy=False, inplace_backward=False, backend="auto", vocab_start=None,
-                vocab_group=None) -> PolicyLossOutput:
+                vocab_group=None, sequence_group=None, row_index=None) -> PolicyLossOutput:
     """RLVR policy loss over packed ragged sequences, straight from the logits (SPEC sections 1-2).
 
     logits [N, V] (float32/float16/bfloat16; float64 on backend="torch"), targets [N], old_logprobs
@@ -32,6 +32,11 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
     vocab_group, vocab_start: the logits are this rank's vocabulary shard, the columns
     [vocab_start, vocab_start + V_r) of every row, of a tensor-parallel group (``parallel``); targets
     are global ids. Every rank returns the same loss, log-probs and metrics, and its own shard's gradient.
+
+    sequence_group, row_index: the rows are this rank's part of the packed batch that cu_seqlens
+    describes (sequence/context parallelism); row_index [N_r] int64, increasing, is each local row's
+    position in it. Every rank returns the whole batch's loss and metrics; the loss's gradient on
+    each rank is that of its own rows.
     """
     b, name, shard = _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
                             ref_logprobs=ref_logprobs, weights=weights, agg=agg, alpha=alpha, max_len=max_len,
@@ -41,7 +46,8 @@ def policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_m
                             rollout_correction=rollout_correction, rollout_clip=rollout_clip,
                             kl_entropy_agg=kl_entropy_agg, kl_entropy_weights=kl_entropy_weights,
                             with_entropy=with_entropy, inplace_backward=inplace_backward, backend=backend,
-                            vocab_start=vocab_start, vocab_group=vocab_group)
+                            vocab_start=vocab_start, vocab_group=vocab_group, sequence_group=sequence_group,
+                            row_index=row_index)
     if shard is not None:  # vocabulary-parallel rows: merged statistics, the objective in [N]-sized ops
         logp, entropy = vocab_parallel_rows(b, name, shard, inplace_backward)
         return objective_output(b, logp, entropy)
@@ -82,6 +88,8 @@ def kernel_output(b, loss, logp, entropy, kl, flags) -> PolicyLossOutput:
         kl=kl if b.ref_logprobs is not None else None,
         entropy=entropy if b.need_entropy else None,
     )
+    if b.sequences is not None:
+        loss, metrics = whole_batch_output(loss, metrics, b.scored, b.sequences)
     return PolicyLossOutput(loss=loss, logprobs=logp.detach(), entropy=entropy.detach() if b.need_entropy else None,
                             metrics=metrics)
 
@@ -90,6 +98,8 @@ def objective_output(b, logp, entropy) -> PolicyLossOutput:
     """The result from the statistics op's differentiable logp_t and H_t: the objective as [N]-sized
     torch ops (``reference.objective_terms``), for the objectives beyond per-token PPO."""
     loss, metrics = objective_terms(logp, entropy if b.need_entropy else None, b)
+    if b.sequences is not None:
+        loss, metrics = whole_batch_output(loss, metrics, b.scored, b.sequences)
     return PolicyLossOutput(loss=loss, logprobs=logp.detach(), entropy=entropy.detach() if b.need_entropy else None,
                             metrics=metrics)
 
@@ -136,7 +146,7 @@ def validate(logits, targets, old_logprobs, advantages, cu_seqlens, **options) -
     _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, **{**defaults, **options})
 
 
-_TENSOR_OPTIONS = {"loss_mask", "ref_logprobs", "weights", "rollout_logprobs", "kl_entropy_weights"}
+_TENSOR_OPTIONS = {"loss_mask", "ref_logprobs", "weights", "rollout_logprobs", "kl_entropy_weights", "row_index"}
 _OPTION_NAMES = {name for name, param in inspect.signature(policy_loss).parameters.items()
                  if param.kind is inspect.Parameter.KEYWORD_ONLY} - _TENSOR_OPTIONS
 
@@ -152,10 +162,11 @@ class PolicyLoss(torch.nn.Module):
         self.options = options
 
     def forward(self, logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask=None,
-                ref_logprobs=None, weights=None, rollout_logprobs=None, kl_entropy_weights=None) -> PolicyLossOutput:
+                ref_logprobs=None, weights=None, rollout_logprobs=None, kl_entropy_weights=None,
+                row_index=None) -> PolicyLossOutput:
         return policy_loss(logits, targets, old_logprobs, advantages, cu_seqlens, loss_mask=loss_mask,
                            ref_logprobs=ref_logprobs, weights=weights, rollout_logprobs=rollout_logprobs,
-                           kl_entropy_weights=kl_entropy_weights, **self.options)
+                           kl_entropy_weights=kl_entropy_weights, row_index=row_index, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

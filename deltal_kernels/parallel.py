@@ -27,7 +27,6 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .dispatch import _load
 
 # device types as they travel in the metadata all-gather
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "meta")
@@ -159,6 +158,8 @@ class VocabParallelRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, scored, shard, backend, temperature, need_entropy, inplace):
+        from .dispatch import _load  # (dispatch imports validation, which imports this module)
+
         module = _load(backend)
         rows = merged_rows(module, logits, targets, scored, shard, temperature, need_entropy)
         ctx.save_for_backward(logits, targets, scored, rows.m, rows.log_s, rows.entropy)
@@ -192,5 +193,100 @@ def vocab_parallel_rows(b, backend: str, shard: VocabShard, inplace: bool):
     if torch.is_grad_enabled() and logits.requires_grad:
         return VocabParallelRows.apply(logits, b.targets, b.scored, shard, backend, p.temperature,
                                        b.need_entropy, inplace)
+    from .dispatch import _load
+
     rows = merged_rows(_load(backend), logits.detach(), b.targets, b.scored, shard, p.temperature, b.need_entropy)
     return rows.logp, rows.entropy
+
+
+# ---- sequence/context parallelism: a sequence's rows spread over the ranks of a group ----
+#
+# Each rank passes its own rows, the global cu_seqlens and row_index (each local row's position in the
+# global packed batch, increasing: a contiguous split and Megatron CP's two-chunk layout alike). A
+# sequence's local rows are then contiguous, so the local per-sequence sums are prefix sums as in the
+# unsharded case; every sequence-level quantity (scored lengths, GSPO's mean log-ratio, the sequence
+# rollout correction) is their sum over the group: all-gathered and added in rank order, the same bits
+# on every rank. The loss and the metrics are the whole batch's on every rank; the loss's gradient on
+# each rank is that of its own rows.
+
+class SequenceShard(NamedTuple):
+    """This rank's rows of a sequence-parallel group, as checked by ``sequence_shard``."""
+    group: object
+    row_index: Tensor  # [N_r] int64, increasing: each local row's position in the whole packed batch
+    seq: Tensor  # [N_r] int64: each local row's sequence
+    local_cu_seqlens: Tensor  # [S+1] int64: the local rows of sequence i are local_cu[i]:local_cu[i+1]
+
+
+def sum_over_group(x: Tensor, group) -> Tensor:
+    """x summed over the ranks of ``group``: all-gathered and added in rank order (deterministic)."""
+    parts = [torch.empty_like(x) for _ in range(_dist().get_world_size(group))]
+    _dist().all_gather(parts, x.contiguous(), group=group)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def sequence_shard(cu_seqlens: Tensor, row_index, sequence_group, N: int) -> Optional[SequenceShard]:
+    """None without ``sequence_group``, else this rank's checked rows; cu_seqlens are the whole batch's
+    (already forced into a valid shape). One all-gather checks that the ranks agree on the batch and
+    that their rows add up to it (the same ValueError on every rank)."""
+    if sequence_group is None:
+        if row_index is not None:
+            raise ValueError("row_index: given without sequence_group (the process group the sequences are "
+                             "split over); pass both, or neither")
+        return None
+    dist = _dist()
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("sequence_group: torch.distributed is not initialized")
+    if torch.compiler.is_compiling():
+        raise RuntimeError("sequence_group: sequence-parallel rows run eagerly only (their checks read values)")
+    if not isinstance(row_index, Tensor) or tuple(row_index.shape) != (N,) or row_index.dtype != torch.int64:
+        raise ValueError(f"row_index: expected an int64 tensor of shape ({N},) (each local row's position in the "
+                         f"whole packed batch), got {row_index!r:.80}")
+    if row_index.device != cu_seqlens.device:
+        raise ValueError(f"row_index: expected a tensor on {cu_seqlens.device}, got one on {row_index.device}")
+    total = int(cu_seqlens[-1]) if cu_seqlens.numel() else 0
+    bad_local = bool(((row_index[1:] <= row_index[:-1]).any() if N > 1 else False)
+                     or (N > 0 and (int(row_index[0]) < 0 or int(row_index[-1]) >= total)))
+    S = cu_seqlens.numel() - 1
+    mine = torch.tensor([S, total, N, int(bad_local)], dtype=torch.int64, device=cu_seqlens.device)
+    table = torch.stack([t for t in _gather(mine, sequence_group)]).tolist()
+    problems = []
+    if any(row[3] for row in table):
+        problems.append(("row_index", f"on rank(s) {[r for r, row in enumerate(table) if row[3]]} it is not "
+                                      f"strictly increasing within [0, {total}) (the whole batch's rows)"))
+    if len({(row[0], row[1]) for row in table}) > 1:
+        problems.append(("cu_seqlens", "the ranks pass different cu_seqlens (every rank passes the whole "
+                                       f"batch's): (S, rows) by rank {[(row[0], row[1]) for row in table]}"))
+    elif sum(row[2] for row in table) != total:
+        problems.append(("row_index", f"the ranks hold {sum(row[2] for row in table)} rows in all, the batch has "
+                                      f"{total}: every row must be held by exactly one rank"))
+    if problems:
+        raise ValueError(f"{problems[0][0]}: " + "; ".join(text for _, text in problems))
+    seq = torch.searchsorted(cu_seqlens[1:], row_index, right=True)
+    counts = torch.bincount(seq, minlength=S) if N else torch.zeros(S, dtype=torch.int64, device=seq.device)
+    local_cu = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    return SequenceShard(sequence_group, row_index, seq, local_cu)
+
+
+def _gather(x: Tensor, group):
+    parts = [torch.empty_like(x) for _ in range(_dist().get_world_size(group))]
+    _dist().all_gather(parts, x, group=group)
+    return parts
+
+
+def whole_batch_output(loss: Tensor, metrics: dict, scored: Tensor, shard: SequenceShard):
+    """The whole batch's loss and metrics on every rank from this rank's: the loss's value is the sum
+    over the group, its gradient this rank's rows'; token means are re-weighted by the global count."""
+    count = scored.sum().to(torch.float64)
+    means = [k for k in metrics if k != "rollout_weight_max"]
+    local = torch.stack([loss.detach().to(torch.float64), count]
+                        + [metrics[k].detach().to(torch.float64) * count for k in means])
+    total = sum_over_group(local, shard.group)
+    whole = (loss - loss.detach()) + total[0].to(loss.dtype)  # exactly the total's bits, on every rank
+    out = {k: (total[2 + i] / total[1].clamp(min=1)).to(metrics[k].dtype) for i, k in enumerate(means)}
+    if "rollout_weight_max" in metrics:
+        out["rollout_weight_max"] = torch.stack(_gather(metrics["rollout_weight_max"].reshape(1),
+                                                        shard.group)).max()
+    return whole, out

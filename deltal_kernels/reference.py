@@ -145,9 +145,16 @@ def objective_terms(logp: Tensor, entropy: Optional[Tensor], b: Batch) -> Tuple[
 
 def segment_sum(x: Tensor, b: Batch) -> Tensor:
     """[N]: for each row, the sum of x over the rows of its sequence (x is 0 on unscored rows). Prefix
-    sums in float64: exact enough for any batch, deterministic on every device, no atomics."""
+    sums in float64: exact enough for any batch, deterministic on every device, no atomics. With
+    sequence-parallel rows, over every rank's rows of the sequence (x must then be detached: the sum
+    over the group carries no gradient, and every use here is of detached values)."""
     csum = torch.cat([x.new_zeros(1, dtype=torch.float64), torch.cumsum(x.to(torch.float64), 0)])
     per_seq = csum[b.cu_seqlens[1:]] - csum[b.cu_seqlens[:-1]]
+    if b.sequences is not None:
+        from .parallel import sum_over_group
+
+        assert not x.requires_grad, "segment_sum over a sequence-parallel group is not differentiable"
+        per_seq = sum_over_group(per_seq, b.sequences.group)
     return per_seq[b.seq].to(x.dtype)
 
 

@@ -14,6 +14,7 @@ import torch
 from ._checks import describe, is_number
 from .aggregation import check_agg_options, sequence_weights
 from .packing import scored_lengths, sequence_ids
+from .parallel import sequence_shard, sum_over_group
 
 KL_TYPES = {"k1": 1, "kl": 1, "k2": 2, "mse": 2, "k3": 3, "low_var_kl": 3}
 LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -67,6 +68,9 @@ class Batch(NamedTuple):
     seq: torch.Tensor  # [N] int64: the sequence of each row
     rollout_logprobs: Optional[torch.Tensor]  # [N] compute dtype (0 on unscored rows), or None
     kl_entropy_row_weights: Optional[torch.Tensor]  # [N] compute dtype, or None: row_weights
+    # sequence-parallel rows (parallel.SequenceShard), or None; then cu_seqlens are the local rows'
+    # offsets per sequence, and per-sequence sums are summed over its group
+    sequences: Optional[object] = None
 
 
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -209,12 +213,14 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
             agg, alpha, max_len, clip_low, clip_high, dual_clip, kl_coef, kl_type, entropy_coef,
             temperature, with_entropy, ratio_level="token", objective="ppo", rollout_logprobs=None,
             rollout_correction=None, rollout_clip=(None, 3.0), kl_entropy_agg=None,
-            kl_entropy_weights=None, rows="the logits", vocab_size=None) -> Batch:
+            kl_entropy_weights=None, rows="the logits", vocab_size=None, row_index=None,
+            sequence_group=None) -> Batch:
     """Check every argument (SPEC section 3) and build the row-level view of the batch.
 
     rows: what the errors call the [N, ...] tensor the rows come from ("the hidden states" for the
     fused LM head, whose logits the caller never sees). vocab_size: the whole vocabulary V when the
-    logits are one shard of it (targets are global ids), else the logits' width."""
+    logits are one shard of it (targets are global ids), else the logits' width. sequence_group,
+    row_index: the rows are this rank's part of the batch that cu_seqlens describes (``parallel``)."""
     check_matrix("logits", logits, "[N, V]")
     N, V = logits.shape
     if V == 0:
@@ -258,15 +264,22 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
         raise TypeError(f"with_entropy: expected a bool, got {with_entropy!r}")
 
     # value checks need the data; under torch.compile they would break the graph, so they run eagerly only
+    # sequence-parallel: cu_seqlens describe the whole batch, of which this rank holds N rows
+    total_rows = N if sequence_group is None else int(cu_seqlens[-1])
     if not torch.compiler.is_compiling():
-        check_values(N, vocab_size or V, cu_seqlens, targets, advantages, loss_mask, weights, kl_entropy_weights,
-                     rows)
-    cu_seqlens = safe_offsets(cu_seqlens, N)
+        check_values(total_rows, vocab_size or V, cu_seqlens, targets, advantages, loss_mask, weights,
+                     kl_entropy_weights, rows)
+    cu_seqlens = safe_offsets(cu_seqlens, total_rows)
 
     cd = compute_dtype(logits)
     scored = torch.ones(N, dtype=torch.bool, device=dev) if loss_mask is None else loss_mask != 0
-    seq = sequence_ids(cu_seqlens, N)
-    lengths = scored_lengths(cu_seqlens, scored)
+    sequences = sequence_shard(cu_seqlens, row_index, sequence_group, N)
+    if sequences is None:
+        seq = sequence_ids(cu_seqlens, N)
+        lengths = scored_lengths(cu_seqlens, scored)
+    else:  # the local rows of each sequence, and the scored lengths over the group
+        seq, cu_seqlens = sequences.seq, sequences.local_cu_seqlens
+        lengths = sum_over_group(scored_lengths(cu_seqlens, scored), sequences.group)
     if weights is None:
         weights = sequence_weights(lengths, agg, alpha=alpha, max_len=max_len, dtype=cd)
     if obj.kl_entropy_agg not in (None, "weights"):
@@ -292,4 +305,5 @@ def prepare(logits, targets, old_logprobs, advantages, cu_seqlens, *, loss_mask,
         seq=seq,
         rollout_logprobs=None if rollout_logprobs is None else rows(rollout_logprobs),
         kl_entropy_row_weights=None if kl_entropy_weights is None else rows(kl_entropy_weights[seq]),
+        sequences=sequences,
     )
