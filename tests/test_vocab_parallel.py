@@ -202,6 +202,11 @@ def test_sharded_rows_equal_the_unsharded_reference(world, backend, tmp_path):
     spawn(tmp_path, world, backend, check_cases)
 
 
+def test_sharded_rows_on_triton(tmp_path):
+    """The Triton kernels (under the interpreter here: one world size, its rows are slow)."""
+    spawn(tmp_path, 2, "triton", check_cases)
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_lm_head_equals_the_unsharded_reference(world, backend, tmp_path):
