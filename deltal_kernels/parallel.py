@@ -48,6 +48,29 @@ def _dist():
     return dist
 
 
+def _gather(x: Tensor, group) -> list:
+    """x of every rank of ``group``, in rank order."""
+    parts = [torch.empty_like(x) for _ in range(_dist().get_world_size(group))]
+    _dist().all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
+def _group_given(name: str, group, companion: str, companion_value, what: str) -> bool:
+    """Whether a process group was given (then torch.distributed must be ready and the call eager);
+    without one, its companion argument must be absent too."""
+    if group is None:
+        if companion_value is not None:
+            raise ValueError(f"{companion}: given without {name} (the process group {what} is split over); "
+                             "pass both, or neither")
+        return False
+    dist = _dist()
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{name}: torch.distributed is not initialized")
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{name}: sharded rows run eagerly only (their checks read gathered values)")
+    return True
+
+
 def _checksums(targets: Tensor, loss_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Two int64 sums that differ when two ranks' targets or masks differ (by value or by position)."""
     t = targets.to(torch.int64) + 1
@@ -63,28 +86,18 @@ def vocab_shard(logits_shape, device, targets, vocab_start, vocab_group, loss_ma
     Every rank of the group must call it (one all-gather); a bad shard on any rank raises the same
     ValueError on every rank, so none is left waiting in a later collective.
     """
-    if vocab_group is None:
-        if vocab_start is not None:
-            raise ValueError("vocab_start: given without vocab_group (the process group the vocabulary is "
-                             "split over); pass both, or neither for whole rows")
+    if not _group_given("vocab_group", vocab_group, "vocab_start", vocab_start, "the vocabulary"):
         return None
-    dist = _dist()
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("vocab_group: torch.distributed is not initialized")
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start: expected the shard's first vocabulary id, an int >= 0, got {vocab_start!r}")
-    if torch.compiler.is_compiling():
-        raise RuntimeError("vocab_group: sharded rows run eagerly only (their checks read the gathered metadata)")
     N, size = logits_shape
-    world = dist.get_world_size(vocab_group)
     device_type = torch.device(device).type
     code = _DEVICE_TYPES.index(device_type) if device_type in _DEVICE_TYPES else len(_DEVICE_TYPES)
     plain, weighted = _checksums(targets, loss_mask)
     mine = torch.stack([torch.tensor(v, dtype=torch.int64, device=plain.device)
                         for v in (vocab_start, size, N, code)] + [plain, weighted])
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=vocab_group)
-    table = torch.stack(gathered).tolist()  # [world, 6]: one host sync per call
+    table = torch.stack(_gather(mine, vocab_group)).tolist()  # [world, 6]: one host sync per call
+    world = len(table)
     starts = tuple(row[0] for row in table)
     sizes = tuple(row[1] for row in table)
 
@@ -135,9 +148,7 @@ class MergedRows(NamedTuple):
 def merged_rows(module, logits, targets, scored, shard: VocabShard, temperature, need_entropy) -> MergedRows:
     """Each rank's shard statistics, all-gathered and merged in rank order; the target's z from its owner."""
     m, s, u, zt = module.shard_stats(logits, targets, scored, shard.start, temperature, need_entropy)
-    mine = torch.stack([m, s, u, zt])
-    parts = [torch.empty_like(mine) for _ in shard.sizes]
-    _dist().all_gather(parts, mine, group=shard.group)
+    parts = _gather(torch.stack([m, s, u, zt]), shard.group)
     M, S, U = parts[0][0], parts[0][1], parts[0][2]
     for part in parts[1:]:
         M, S, U = softmax_merge((M, S, U), (part[0], part[1], part[2]))
@@ -219,8 +230,7 @@ class SequenceShard(NamedTuple):
 
 def sum_over_group(x: Tensor, group) -> Tensor:
     """x summed over the ranks of ``group``: all-gathered and added in rank order (deterministic)."""
-    parts = [torch.empty_like(x) for _ in range(_dist().get_world_size(group))]
-    _dist().all_gather(parts, x.contiguous(), group=group)
+    parts = _gather(x, group)
     total = parts[0].clone()
     for part in parts[1:]:
         total += part
@@ -231,16 +241,8 @@ def sequence_shard(cu_seqlens: Tensor, row_index, sequence_group, N: int) -> Opt
     """None without ``sequence_group``, else this rank's checked rows; cu_seqlens are the whole batch's
     (already forced into a valid shape). One all-gather checks that the ranks agree on the batch and
     that their rows add up to it (the same ValueError on every rank)."""
-    if sequence_group is None:
-        if row_index is not None:
-            raise ValueError("row_index: given without sequence_group (the process group the sequences are "
-                             "split over); pass both, or neither")
+    if not _group_given("sequence_group", sequence_group, "row_index", row_index, "the sequences"):
         return None
-    dist = _dist()
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("sequence_group: torch.distributed is not initialized")
-    if torch.compiler.is_compiling():
-        raise RuntimeError("sequence_group: sequence-parallel rows run eagerly only (their checks read values)")
     if not isinstance(row_index, Tensor) or tuple(row_index.shape) != (N,) or row_index.dtype != torch.int64:
         raise ValueError(f"row_index: expected an int64 tensor of shape ({N},) (each local row's position in the "
                          f"whole packed batch), got {row_index!r:.80}")
@@ -270,10 +272,6 @@ def sequence_shard(cu_seqlens: Tensor, row_index, sequence_group, N: int) -> Opt
     return SequenceShard(sequence_group, row_index, seq, local_cu)
 
 
-def _gather(x: Tensor, group):
-    parts = [torch.empty_like(x) for _ in range(_dist().get_world_size(group))]
-    _dist().all_gather(parts, x, group=group)
-    return parts
 
 
 def whole_batch_output(loss: Tensor, metrics: dict, scored: Tensor, shard: SequenceShard):
