@@ -136,7 +136,11 @@ def parse_args(argv):
                    "committed results")
     p.add_argument("--linear", action="store_true", help="the fused LM head instead (deltal_kernels/bench/linear.py): "
                    "dk.linear_policy_loss vs the materialised logits, the eager reference and Liger's chunked loss")
-    p.add_argument("--H", type=int, nargs="+", help="hidden sizes (with --linear)")
+    p.add_argument("--H", type=int, nargs="+", help="hidden sizes (with --linear; --parallel: one)")
+    p.add_argument("--parallel", action="store_true", help="tensor parallelism instead "
+                   "(deltal_kernels/bench/parallel.py): per-rank peak memory and bytes communicated of the sharded "
+                   "LM head, the loss on a logits shard and the all-gathered logits, TP gloo ranks on the CPU")
+    p.add_argument("--tp", type=int, nargs="+", help="tensor-parallel sizes (with --parallel; default 1 2 4)")
     return p.parse_args(argv)
 
 
@@ -247,6 +251,12 @@ def main(argv=None) -> int:
         rc = linear_main(args, console)
         report_load(console, "at end")
         return rc
+    if args.parallel:
+        from .parallel import main as parallel_main, run_tag
+
+        if args.out is None:
+            args.out = run_folder(run_tag(args))
+        return parallel_main(args, console)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases, custom = select_cases(args, device.type)
     impls, skipped = baselines.implementations(device)
