@@ -222,3 +222,24 @@ def test_vocab_start_without_a_group_is_an_error():
     batch = make_batch(LENGTHS, V, seed=0)
     with pytest.raises(ValueError, match="vocab_start: given without vocab_group"):
         dk.policy_loss(**batch, max_len=16, vocab_start=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu", "cuda"])
+def test_group_of_one_on_the_backends_device(backend, tmp_path):
+    """The sharded path in this process with a group of one (on a GPU: NCCL, the GPU check's TP run):
+    the same loss, log-probs and gradient as the unsharded call, to float32 rounding."""
+    from cases import backend_device
+
+    device = backend_device(backend)
+    batch = {k: v.to(device) for k, v in make_batch(LENGTHS, V, seed=5).items()}
+    opts = dict(max_len=16, entropy_coef=0.01, kl_coef=0.05)
+    want, want_grad = run(dk.policy_loss, batch, backend=backend, **opts)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path / 'store'}",
+                            rank=0, world_size=1)
+    try:
+        out, grad = run(dk.policy_loss, batch, backend=backend, vocab_start=0, vocab_group=dist.group.WORLD, **opts)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
