@@ -907,20 +907,23 @@ struct ShardStatsTag {};
 template <typename T, int GROUP>
 struct ShardGradTag {};
 
-template <typename T, int GROUP>
-void launch_forward(const ForwardPointers& a) {
-  auto kernel = forward_kernel<T, GROUP>;
-  const int64_t grid = grid_size<ForwardTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
+// A grid-stride launch of one row kernel over a.N rows, kBlock / GROUP rows per block, as many
+// blocks as are resident (Tag keys the residency cache of grid_size).
+template <typename Tag, int GROUP, typename Kernel, typename Args>
+void launch_rows(Kernel kernel, const Args& a) {
+  const int64_t grid = grid_size<Tag>(kernel, a.N, kBlock / GROUP);
   kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, int GROUP>
+void launch_forward(const ForwardPointers& a) {
+  launch_rows<ForwardTag<T, GROUP>, GROUP>(forward_kernel<T, GROUP>, a);
+}
+
+template <typename T, int GROUP>
 void launch_grad(const GradPointers& a) {
-  auto kernel = grad_kernel<T, GROUP>;
-  const int64_t grid = grid_size<GradTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
-  kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_rows<GradTag<T, GROUP>, GROUP>(grad_kernel<T, GROUP>, a);
 }
 
 template <typename T, int GROUP>
@@ -935,18 +938,12 @@ void launch_forward_grad(const FusedPointers& f) {
 
 template <typename T, int GROUP>
 void launch_shard_stats(const ShardStatsPointers& a) {
-  auto kernel = shard_stats_kernel<T, GROUP>;
-  const int64_t grid = grid_size<ShardStatsTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
-  kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_rows<ShardStatsTag<T, GROUP>, GROUP>(shard_stats_kernel<T, GROUP>, a);
 }
 
 template <typename T, int GROUP>
 void launch_shard_grad(const ShardGradPointers& a) {
-  auto kernel = shard_grad_kernel<T, GROUP>;
-  const int64_t grid = grid_size<ShardGradTag<T, GROUP>>(kernel, a.N, kBlock / GROUP);
-  kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_rows<ShardGradTag<T, GROUP>, GROUP>(shard_grad_kernel<T, GROUP>, a);
 }
 
 // ---- The cluster schedule on the host ----
