@@ -184,13 +184,13 @@ def test_registered_delta_l_loss_is_verl_vanilla_with_rescaled_advantages(policy
     torch.testing.assert_close(got[1], expected[1], rtol=1e-13, atol=1e-16)
 
 
-def micro_batch(seed, *, kl, dtype=torch.float64):
+def micro_batch(seed, *, kl, dtype=torch.float64, V=11):
     """A verl micro-batch in no-padding mode, as left_right_2_no_padding leaves it."""
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
 
     gen = torch.Generator().manual_seed(seed)
-    P, R, V = [2, 3, 1, 4], [3, 1, 5, 2], 11
+    P, R = [2, 3, 1, 4], [3, 1, 5, 2]
 
     def nested(xs):
         return torch.nested.as_nested_tensor(xs, layout=torch.jagged)
@@ -452,3 +452,102 @@ def test_delta_l_needs_its_max_len_in_remove_padding_mode():
         with pytest.raises(ValueError, match="loss_scale_factor"):
             get_policy_loss_fn(name)(b["old"], b["logp"], b["adv"], b["mask"], "token-mean",
                                      actor_config(global_batch_info=dict(engine_info)))
+
+
+# Tensor parallelism (verl's Megatron actor): each rank holds all rows of the logits but only its vocabulary
+# shard's columns, or its rows of the column-parallel LM head. V = 12: Megatron's equal split, vocab_start =
+# tp_rank * (V // tp); V = 11: unequal shards (5 + 6), which dk accepts as long as they tile [0, V).
+TP_SHARDS = {12: [(0, 6), (6, 6)], 11: [(0, 5), (5, 6)]}
+TP_LOSS_MODES = ["vanilla", "delta-l", "gspo"]
+
+
+def tp_config(loss_mode):
+    return actor_config(loss_agg_mode="token-mean", entropy_coeff=0.01, use_kl_loss=True, kl_loss_coef=0.1,
+                        kl_loss_type="low_var_kl", loss_scale_factor=12, policy_loss={"loss_mode": loss_mode})
+
+
+def assert_same_loss_and_metrics(got, want, label):
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0, msg=lambda m: f"loss ({label}): {m}")
+    assert got[1].keys() == want[1].keys(), label
+    for name in want[1]:
+        assert got[1][name].aggregate() == pytest.approx(want[1][name].aggregate(), rel=1e-12, abs=1e-15), \
+            (label, name)
+
+
+def check_tensor_parallel(rank, world, V):
+    """Each rank: fused_ppo_loss / fused_linear_ppo_loss on its shard with the group equals the whole-vocabulary
+    call in this process (float64, backend "torch"): loss, metrics, and this rank's slice of every gradient."""
+    import torch.distributed as dist
+    from verl.utils import tensordict_utils as tu
+
+    start, size = TP_SHARDS[V][rank]
+    if V % world == 0:
+        assert start == rank * (V // world)  # what a Megatron actor passes
+    group = dist.group.WORLD  # stands for mpu.get_tensor_model_parallel_group()
+    for seed, loss_mode in enumerate(TP_LOSS_MODES):
+        label = f"{loss_mode}, V={V}, rank {rank} of {world}"
+        data, logits = micro_batch(20 + seed, kl=True, V=V)
+        tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+        config = tp_config(loss_mode)
+
+        whole = logits.clone().requires_grad_(True)
+        want = dkv.fused_ppo_loss(config, whole, data, backend="torch")
+        want[0].backward()
+        shard = logits[:, start:start + size].clone().requires_grad_(True)
+        got = dkv.fused_ppo_loss(config, shard, data, backend="torch", vocab_start=start, vocab_group=group)
+        got[0].backward()
+        assert_same_loss_and_metrics(got, want, label)
+        torch.testing.assert_close(shard.grad, whole.grad[:, start:start + size], rtol=1e-12, atol=1e-15,
+                                   msg=lambda m: f"logits gradient ({label}): {m}")
+        assert want[1]["actor/pg_clipfrac"].aggregate() > 0, label  # the batch exercises the clip
+
+        # the fused LM head: this rank's rows of weight and bias; hidden's gradient summed over the group by the op
+        gen = torch.Generator().manual_seed(40 + seed)
+        H = 8
+        params = dict(hidden=torch.randn(logits.shape[0], H, generator=gen, dtype=torch.float64),
+                      weight=torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.7,
+                      bias=torch.randn(V, generator=gen, dtype=torch.float64) * 0.3)
+        ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        want = dkv.fused_linear_ppo_loss(config, ref["hidden"], ref["weight"], data, bias=ref["bias"],
+                                         backend="torch", chunk_rows=3)
+        want[0].backward()
+        ours = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        got = dkv.fused_linear_ppo_loss(config, ours["hidden"], ours["weight"][start:start + size], data,
+                                        bias=ours["bias"][start:start + size], backend="torch", chunk_rows=3,
+                                        vocab_start=start, vocab_group=group)
+        got[0].backward()
+        assert_same_loss_and_metrics(got, want, "linear " + label)
+        for name in params:
+            mine, full = ours[name].grad, ref[name].grad
+            if name != "hidden":  # this rank's rows of the head; the other rows get no gradient here
+                assert not mine[:start].any() and not mine[start + size:].any(), (label, name)
+                mine, full = mine[start:start + size], full[start:start + size]
+            # float64; hidden's is the all-reduced sum of the ranks' parts, so summed in another order
+            torch.testing.assert_close(mine, full, rtol=1e-12, atol=1e-14 * ref[name].grad.abs().max().item(),
+                                       msg=lambda m: f"{name} gradient (linear {label}): {m}")
+
+
+def tp_worker(rank, world, store, V):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        check_tensor_parallel(rank, world, V)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_verl
+@pytest.mark.parametrize("V", [12, 11], ids=["V12-megatron-split", "V11-unequal"])
+def test_fused_actor_loss_on_vocab_shards_equals_the_whole_vocabulary(V, tmp_path):
+    """verl's Megatron actor under tensor parallelism: 2 gloo ranks, each with its vocabulary shard of the logits
+    (or its rows of the LM head) and the group, equal fused_ppo_loss / fused_linear_ppo_loss on the whole
+    vocabulary in one process, for vanilla, delta-l and gspo with the KL loss and the entropy bonus."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    mp.spawn(tp_worker, args=(2, str(tmp_path / "store"), V), nprocs=2, join=True)

@@ -61,7 +61,10 @@ for another). Tested against verl 0.9.1.
     "delta-l-cispo" (the same with Delta-L aggregation); Delta-L's M is ``max_len=`` or
     ``config.loss_scale_factor``, an error without either (or ``delta_l_weights``).
     It supports one temperature per micro-batch, no Ulysses sequence parallelism (the rows must be
-    the whole micro-batch) and no rollout_is_weights; it checks and raises otherwise.
+    the whole micro-batch) and no rollout_is_weights; it checks and raises otherwise. Under Megatron's
+    tensor parallelism pass the rank's vocabulary shard of the logits with ``vocab_start=tp_rank * (V //
+    tp)`` and ``vocab_group=mpu.get_tensor_model_parallel_group()`` (in place of verl's
+    ``vocab_parallel_log_probs_from_logits``).
 (d) ``fused_linear_ppo_loss``: the same from the hidden states and ``lm_head.weight`` (like verl's
     ``use_fused_kernels``), through ``dk.linear_policy_loss``: no [total_nnz, V] logits at all. In
     the patch above, run the backbone instead of the whole model and pass its output::
@@ -322,7 +325,8 @@ def _verl_metrics(out):
 
 
 def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: Optional[str] = None,
-                   alpha: float = 1.0, max_len: Optional[int] = None, backend: str = "auto"):
+                   alpha: float = 1.0, max_len: Optional[int] = None, backend: str = "auto",
+                   vocab_start: Optional[int] = None, vocab_group=None):
     """verl's log-probs + ``ppo_loss`` (vanilla policy loss, entropy bonus, KL loss) as one ``dk.policy_loss``.
 
     config: verl's ActorConfig (clip ratios, clip_ratio_c, entropy_coeff, use_kl_loss, kl_loss_coef,
@@ -339,15 +343,26 @@ def fused_ppo_loss(config, logits_rmpad: torch.Tensor, data, *, loss_agg_mode: O
     with Delta-L aggregation); ``loss_agg_mode`` overrides the aggregation. Delta-L's M is ``max_len``, else
     ``config.loss_scale_factor``; without either (and without ``delta_l_weights``) it is an error, since
     the micro-batch's padded width is only its longest response.
+
+    Tensor parallelism (verl's Megatron actor, whose LM head is a ``ColumnParallelLinear``): pass this
+    rank's vocabulary shard of the logits, all total_nnz rows and the columns [vocab_start, vocab_start +
+    V_r), with ``vocab_start = tp_rank * (V // tp)`` for Megatron's equal split (the padded vocabulary V
+    divides by tp; any shards that tile [0, V) work) and ``vocab_group =
+    mpu.get_tensor_model_parallel_group()``. This replaces verl's ``vocab_parallel_log_probs_from_logits``
+    (and ``vocab_parallel_entropy``) + ``ppo_loss``: every rank returns the same loss and metrics, and
+    the gradient of this rank's columns (``dk.policy_loss``'s ``vocab_start``/``vocab_group``). Ulysses
+    sequence parallelism is not wired here: the rows must be the whole micro-batch.
     """
     args, options = _fused_rows(config, logits_rmpad.shape[0], data, loss_agg_mode, alpha, "logits_rmpad", max_len)
-    out = policy_loss(logits_rmpad, *args, backend=backend, **options)
+    out = policy_loss(logits_rmpad, *args, backend=backend, vocab_start=vocab_start, vocab_group=vocab_group,
+                      **options)
     return out.loss, _verl_metrics(out)
 
 
 def fused_linear_ppo_loss(config, hidden_rmpad: torch.Tensor, weight: torch.Tensor, data, *, bias=None,
                           loss_agg_mode: Optional[str] = None, alpha: float = 1.0, max_len: Optional[int] = None,
-                          backend: str = "auto", chunk_rows: Optional[int] = None):
+                          backend: str = "auto", chunk_rows: Optional[int] = None,
+                          vocab_start: Optional[int] = None, vocab_group=None, reduce_hidden_grad: bool = True):
     """``fused_ppo_loss`` from the last hidden states and the LM-head weight, as verl's ``use_fused_kernels``.
 
     hidden_rmpad: [total_nnz, H], the backbone's output for the micro-batch's packed rows (what verl's
@@ -357,9 +372,18 @@ def fused_linear_ppo_loss(config, hidden_rmpad: torch.Tensor, weight: torch.Tens
     weight and bias. The engine patch is the ``fused_ppo_loss`` one with the backbone's output and
     ``lm_head.weight`` in place of the logits (verl's ``use_fused_kernels`` forward already returns
     the hidden states and skips the LM head).
+
+    Tensor parallelism (Megatron): ``weight`` [V_r, H] and ``bias`` are this rank's rows of the
+    column-parallel head (``output_layer.weight`` on this rank), ``vocab_start = tp_rank * (V // tp)``,
+    ``vocab_group = mpu.get_tensor_model_parallel_group()``; hidden_rmpad is the same on every rank. The
+    weight's and bias's gradients are this rank's rows; hidden's gradient is summed over the group by
+    the op (``reduce_hidden_grad=True``), or left as this rank's part with ``reduce_hidden_grad=False``
+    when hidden already went through Megatron's ``copy_to_tensor_model_parallel_region`` (whose backward
+    all-reduces it, as ``ColumnParallelLinear``'s forward does).
     """
     args, options = _fused_rows(config, hidden_rmpad.shape[0], data, loss_agg_mode, alpha, "hidden_rmpad", max_len)
     out = linear_policy_loss(hidden_rmpad, weight, *args, bias=bias, backend=backend, chunk_rows=chunk_rows,
+                             vocab_start=vocab_start, vocab_group=vocab_group, reduce_hidden_grad=reduce_hidden_grad,
                              **options)
     return out.loss, _verl_metrics(out)
 
