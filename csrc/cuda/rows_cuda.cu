@@ -910,20 +910,21 @@ struct ShardGradTag {};
 // A grid-stride launch of one row kernel over a.N rows, kBlock / GROUP rows per block, as many
 // blocks as are resident (Tag keys the residency cache of grid_size).
 template <typename Tag, int GROUP, typename Kernel, typename Args>
-void launch_rows(Kernel kernel, const Args& a) {
+void launch_group(Kernel kernel, const Args& a) {
   const int64_t grid = grid_size<Tag>(kernel, a.N, kBlock / GROUP);
   kernel<<<static_cast<unsigned>(grid), kBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int GROUP>
-void launch_forward(const ForwardPointers& a) {
-  launch_rows<ForwardTag<T, GROUP>, GROUP>(forward_kernel<T, GROUP>, a);
-}
-
-template <typename T, int GROUP>
-void launch_grad(const GradPointers& a) {
-  launch_rows<GradTag<T, GROUP>, GROUP>(grad_kernel<T, GROUP>, a);
+// The same, with a warp per row for rows of V <= kSmallV and a block per row above.
+template <template <typename, int> class Tag, typename T, typename WarpKernel, typename BlockKernel,
+          typename Args>
+void launch_rows(WarpKernel warp_kernel, BlockKernel block_kernel, const Args& a) {
+  if (a.V <= kSmallV) {
+    launch_group<Tag<T, kWarp>, kWarp>(warp_kernel, a);
+  } else {
+    launch_group<Tag<T, kBlock>, kBlock>(block_kernel, a);
+  }
 }
 
 template <typename T, int GROUP>
@@ -936,15 +937,7 @@ void launch_forward_grad(const FusedPointers& f) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, int GROUP>
-void launch_shard_stats(const ShardStatsPointers& a) {
-  launch_rows<ShardStatsTag<T, GROUP>, GROUP>(shard_stats_kernel<T, GROUP>, a);
-}
 
-template <typename T, int GROUP>
-void launch_shard_grad(const ShardGradPointers& a) {
-  launch_rows<ShardGradTag<T, GROUP>, GROUP>(shard_grad_kernel<T, GROUP>, a);
-}
 
 // ---- The cluster schedule on the host ----
 
@@ -1080,38 +1073,24 @@ template <typename T>
 void forward_dtype(const ForwardPointers& a) {
   if (const int C = blocks_per_row<T>(a.V); C > 1) {
     launch_cluster<T, false>(FusedPointers{a, nullptr, nullptr, 1.0f}, C);
-  } else if (a.V <= kSmallV) {
-    launch_forward<T, kWarp>(a);
   } else {
-    launch_forward<T, kBlock>(a);
+    launch_rows<ForwardTag, T>(forward_kernel<T, kWarp>, forward_kernel<T, kBlock>, a);
   }
 }
 
 template <typename T>
 void grad_dtype(const GradPointers& a) {
-  if (a.V <= kSmallV) {
-    launch_grad<T, kWarp>(a);
-  } else {
-    launch_grad<T, kBlock>(a);
-  }
+  launch_rows<GradTag, T>(grad_kernel<T, kWarp>, grad_kernel<T, kBlock>, a);
 }
 
 template <typename T>
 void shard_stats_dtype(const ShardStatsPointers& a) {
-  if (a.V <= kSmallV) {
-    launch_shard_stats<T, kWarp>(a);
-  } else {
-    launch_shard_stats<T, kBlock>(a);
-  }
+  launch_rows<ShardStatsTag, T>(shard_stats_kernel<T, kWarp>, shard_stats_kernel<T, kBlock>, a);
 }
 
 template <typename T>
 void shard_grad_dtype(const ShardGradPointers& a) {
-  if (a.V <= kSmallV) {
-    launch_shard_grad<T, kWarp>(a);
-  } else {
-    launch_shard_grad<T, kBlock>(a);
-  }
+  launch_rows<ShardGradTag, T>(shard_grad_kernel<T, kWarp>, shard_grad_kernel<T, kBlock>, a);
 }
 
 template <typename T>
