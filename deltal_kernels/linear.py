@@ -45,7 +45,7 @@ from ._checks import describe
 from .dispatch import _load, resolve_backend, weighted_sum
 from .loss import kernel_output, objective_output
 from .output import PolicyLossOutput
-from .parallel import merged_rows, vocab_shard
+from .parallel import check_shard_kernels, merged_rows, vocab_shard
 from .validation import check_matrix, prepare
 
 # default byte budget of the [C, V] chunk buffer, per device type
@@ -496,11 +496,7 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
     sequence_group, row_index: sequence-parallel rows, as in ``policy_loss``.
     """
     N, H, V = check_linear(hidden, weight, bias)
-    shard = None
-    if vocab_group is not None or vocab_start is not None:
-        if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (N,):
-            raise ValueError(f"targets: expected a tensor of shape ({N},) beside hidden [N, H]")
-        shard = vocab_shard((N, V), hidden.device, targets, vocab_start, vocab_group, loss_mask)
+    shard = vocab_shard((N, V), hidden.device, targets, vocab_start, vocab_group, loss_mask)
     if not isinstance(reduce_hidden_grad, bool):
         raise TypeError(f"reduce_hidden_grad: expected a bool, got {reduce_hidden_grad!r}")
     dtype = head_dtype(hidden) or hidden.dtype
@@ -519,8 +515,7 @@ def linear_policy_loss(hidden, weight, targets, old_logprobs, advantages, cu_seq
     if not isinstance(accumulate_weight_grad, bool):
         raise TypeError(f"accumulate_weight_grad: expected a bool, got {accumulate_weight_grad!r}")
     name = check_backend(backend, hidden.device, dtype)
-    if shard is not None and not hasattr(_load(name), "shard_stats"):
-        raise ValueError(f"backend: {name!r} has no kernels for vocabulary-sharded rows (vocab_group)")
+    check_shard_kernels(shard, name)
     # sharded, every rank must run the same chunks (a collective each): rows from the widest shard
     C = resolve_chunk_rows(chunk_rows, V if shard is None else max(shard.sizes), dtype, hidden.device)
 

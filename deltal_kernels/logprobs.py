@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 
 from .dispatch import _load
-from .parallel import merged_rows, vocab_parallel_rows, vocab_shard
+from .parallel import check_shard_kernels, merged_rows, vocab_parallel_rows, vocab_shard
 from .linear import (_LogitsShape, check_backend, check_linear, chunk_logits, head_dtype, head_operands,
                      resolve_chunk_rows)
-from .validation import prepare
+from .validation import check_matrix, prepare
 
 # the default fixed chunk shape of linear_token_logprobs: at most this many rows (fewer when the byte
 # budget of one [rows, V] chunk says so); the last chunk is padded to it, so N < 256 wastes < 256 rows
@@ -49,19 +49,13 @@ def token_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, loss
     detached, batch-invariant. vocab_group, vocab_start: the logits are this rank's vocabulary shard
     (see ``policy_loss``); every rank returns the whole rows' values.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits: expected a tensor [N, V], got {type(logits).__name__}")
-    shard = None
-    if vocab_group is not None or vocab_start is not None:
-        if not isinstance(targets, torch.Tensor) or logits.dim() != 2 or tuple(targets.shape) != (logits.shape[0],):
-            raise ValueError("targets: expected a tensor [N] beside logits [N, V_r]")
-        shard = vocab_shard(logits.shape, logits.device, targets, vocab_start, vocab_group, loss_mask)
+    check_matrix("logits", logits, "[N, V]")
+    shard = vocab_shard(logits.shape, logits.device, targets, vocab_start, vocab_group, loss_mask)
     b = _prepare(logits, targets, temperature, with_entropy, loss_mask,
                  vocab_size=None if shard is None else shard.vocab_size)
     name = check_backend(backend, logits.device, logits.dtype, arg="logits")
+    check_shard_kernels(shard, name)
     if shard is not None:
-        if not hasattr(_load(name), "shard_stats"):
-            raise ValueError(f"backend: {name!r} has no kernels for vocabulary-sharded rows (vocab_group)")
         with torch.no_grad():
             logp, entropy = vocab_parallel_rows(b, name, shard, inplace=False)
         return logp, (entropy if with_entropy else None)
@@ -82,17 +76,12 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     are this rank's rows of a column-parallel head (see ``linear_policy_loss``).
     """
     N, H, V = check_linear(hidden, weight, bias)
-    shard = None
-    if vocab_group is not None or vocab_start is not None:
-        if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (N,):
-            raise ValueError(f"targets: expected a tensor of shape ({N},) beside hidden [N, H]")
-        shard = vocab_shard((N, V), hidden.device, targets, vocab_start, vocab_group, loss_mask)
+    shard = vocab_shard((N, V), hidden.device, targets, vocab_start, vocab_group, loss_mask)
     dtype = head_dtype(hidden) or hidden.dtype
     b = _prepare(_LogitsShape(N, V, dtype, hidden.device), targets, temperature, with_entropy, loss_mask,
                  rows="the hidden states", vocab_size=None if shard is None else shard.vocab_size)
     name = check_backend(backend, hidden.device, dtype)
-    if shard is not None and not hasattr(_load(name), "shard_stats"):
-        raise ValueError(f"backend: {name!r} has no kernels for vocabulary-sharded rows (vocab_group)")
+    check_shard_kernels(shard, name)
     # sharded, every rank runs the same chunks (a collective each): the rows of the widest shard's budget
     C = resolve_chunk_rows(chunk_rows, V if shard is None else max(shard.sizes), dtype, hidden.device)
     if chunk_rows is None:  # every chunk is padded to C rows: a small fixed shape wastes little on small batches

@@ -5,9 +5,9 @@ import inspect
 
 import torch
 
-from .dispatch import _load, has_fused_gradient, resolve_backend, rows_forward, rows_forward_fused, rows_stats, weighted_sum
+from .dispatch import has_fused_gradient, resolve_backend, rows_forward, rows_forward_fused, rows_stats, weighted_sum
 from .output import PolicyLossOutput, token_means
-from .parallel import vocab_parallel_rows, vocab_shard, whole_batch_output
+from .parallel import check_shard_kernels, vocab_parallel_rows, vocab_shard, whole_batch_output
 from .reference import objective_terms
 from .validation import check_matrix, prepare
 
@@ -108,13 +108,8 @@ def _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, *, inpl
                   vocab_start=None, vocab_group=None, **options):
     """Every argument check of ``policy_loss``; returns the prepared batch, the backend to run and the
     vocabulary shard (None for whole rows)."""
-    shard = None
-    if vocab_group is not None or vocab_start is not None:
-        check_matrix("logits", logits, "[N, V]")
-        if not isinstance(targets, torch.Tensor) or tuple(targets.shape) != (logits.shape[0],):
-            raise ValueError(f"targets: expected a tensor of shape ({logits.shape[0]},), got {targets!r:.80}")
-        shard = vocab_shard(logits.shape, logits.device, targets, vocab_start, vocab_group,
-                            options.get("loss_mask"))
+    check_matrix("logits", logits, "[N, V]")
+    shard = vocab_shard(logits.shape, logits.device, targets, vocab_start, vocab_group, options.get("loss_mask"))
     b = prepare(logits, targets, old_logprobs, advantages, cu_seqlens,
                 vocab_size=None if shard is None else shard.vocab_size, **options)
     if not isinstance(inplace_backward, bool):
@@ -125,8 +120,7 @@ def _checked_call(logits, targets, old_logprobs, advantages, cu_seqlens, *, inpl
     if name != "torch" and logits.dtype == torch.float64:
         raise TypeError(f"logits: backend {name!r} takes float32, float16 or bfloat16 logits; "
                         "float64 runs on backend='torch'")
-    if shard is not None and not hasattr(_load(name), "shard_stats"):
-        raise ValueError(f"backend: {name!r} has no kernels for vocabulary-sharded rows (vocab_group)")
+    check_shard_kernels(shard, name)
     return b, name, shard
 
 

@@ -88,9 +88,11 @@ def vocab_shard(logits_shape, device, targets, vocab_start, vocab_group, loss_ma
     """
     if not _group_given("vocab_group", vocab_group, "vocab_start", vocab_start, "the vocabulary"):
         return None
+    N, size = logits_shape
+    if not isinstance(targets, Tensor) or tuple(targets.shape) != (N,):
+        raise ValueError(f"targets: expected a tensor of shape ({N},), one global vocabulary id per row")
     if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
         raise ValueError(f"vocab_start: expected the shard's first vocabulary id, an int >= 0, got {vocab_start!r}")
-    N, size = logits_shape
     device_type = torch.device(device).type
     code = _DEVICE_TYPES.index(device_type) if device_type in _DEVICE_TYPES else len(_DEVICE_TYPES)
     plain, weighted = _checksums(targets, loss_mask)
@@ -121,6 +123,14 @@ def vocab_shard(logits_shape, device, targets, vocab_start, vocab_group, loss_ma
     if problems:
         raise ValueError(f"{problems[0][0]}: " + "; ".join(text for _, text in problems))
     return VocabShard(vocab_group, vocab_start, size, edge, starts, sizes)
+
+
+def check_shard_kernels(shard: Optional[VocabShard], backend: str) -> None:
+    """Sharded rows need the backend's shard_stats / shard_grad_rows: an error naming it otherwise."""
+    from .dispatch import _load
+
+    if shard is not None and not hasattr(_load(backend), "shard_stats"):
+        raise ValueError(f"backend: {backend!r} has no kernels for vocabulary-sharded rows (vocab_group)")
 
 
 def softmax_merge(a, b):
