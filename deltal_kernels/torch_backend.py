@@ -47,6 +47,14 @@ def _row_sums(x):
     return x.sum(-1)
 
 
+def _centered(z):
+    """Each row of z [rows, V] relative to its maximum m: (m [rows, 1], z - m, log s [rows]) with
+    s = sum exp(z - m), so that logsumexp(z) = m + log s. NaN, +inf and all -inf rows give NaN."""
+    m = z.amax(-1, keepdim=True)
+    zc = z - m
+    return m, zc, torch.log(_row_sums(torch.exp(zc)))
+
+
 def row_terms(logp, entropy, old, ref, adv, p: LossParams):
     """Per-row loss l_t, dl_t/dlogp_t, kl_t and flags from logp_t and H_t (SPEC section 1).
 
@@ -107,9 +115,7 @@ def forward_rows(logits, targets, scored, old_logprobs, ref_logprobs, advantages
         # everything relative to the row maximum m (NaN, +inf and all -inf rows give NaN, as in the
         # reference): logp = (z_y - m) - log s keeps log V when |m| is huge, and the entropy
         # log s - sum p (z - m) does not cancel two large numbers
-        m = z.amax(-1, keepdim=True)
-        zc = z - m
-        log_s = torch.log(_row_sums(torch.exp(zc)))  # logsumexp(zc), as zc's maximum is 0
+        m, zc, log_s = _centered(z)
         lse[idx] = m.squeeze(1) + log_s
         logp[idx] = zc.gather(1, targets[idx, None]).squeeze(1) - log_s
         if need_entropy:  # p (z - m) is 0 where p = 0 (a -inf logit)
@@ -140,8 +146,8 @@ def grad_rows(logits, targets, lse, entropy, g, h, temperature, out):
         redo = huge[bisect.bisect_left(huge, start):bisect.bisect_left(huge, end)]
         if redo:
             redo = torch.tensor(redo, device=z.device) - start
-            zc = z[redo] - z[redo].amax(-1, keepdim=True)
-            log_p[redo] = zc - torch.log(_row_sums(torch.exp(zc)))[:, None]
+            _, zc, log_s = _centered(z[redo])
+            log_p[redo] = zc - log_s[:, None]
         gc, hc = g[start:end, None], h[start:end, None]
         # untouched rows are exact zeros whatever their logits hold; a row whose softmax is NaN (a NaN or
         # +inf logit) gets NaN, as the reference's log_softmax backward gives, whatever g and h are
