@@ -559,7 +559,7 @@ RowResult forward_row(const ForwardPointers& a, const RowFunctions<T>& k, int64_
   return r;
 }
 
-// The gradient of a row of huge logits (row_math.h's huge_row_lse) from the row's m and log s, element
+// The gradient of a row of huge logits (row_math.h's huge_z) from the row's m and log s, element
 // by element (x may be out: each element is read first; y < 0: the target is in another shard).
 template <typename T>
 DK_CPU_NOINLINE void grad_row_split(const T* x, T* out, int64_t V, int64_t y, float m, float log_s, float H,
@@ -594,7 +594,7 @@ void grad_row_checked(const RowFunctions<T>& k, const T* x, T* out, int64_t V, i
     return;
   }
   TORCH_CHECK_INDEX(y >= 0 && y < V, "targets: row ", row, " has target ", y, ", outside [0, V=", V, ")");
-  if (huge_row_lse(lse)) {
+  if (huge_z(lse)) {
     grad_row_huge(x, out, V, y, H, g, h, inv_tau);
   } else {
     k.grad(x, out, V, y, lse, H, g, h, inv_tau);
@@ -660,7 +660,7 @@ void shard_grad_range(const ShardGradPointers& a, int64_t begin, int64_t end) {
     }
     const int64_t y = shard_column(a.targets[row], a.vocab_start, a.V);
     const float lse = m + log_s;
-    if (huge_row_lse(lse)) {
+    if (huge_z(lse)) {
       grad_row_split(x, out, a.V, y, m, log_s, a.entropy[row], g, h, a.inv_tau);
     } else {
       k.grad(x, out, a.V, y, lse, a.entropy[row], g, h, a.inv_tau);

@@ -497,7 +497,7 @@ __device__ __forceinline__ void grad_row(const T* x, T* out, int64_t V, int64_t 
   if (tid == 0 && y >= 0 && y < V) out[y] = T(grad_value<true>(xy, c) + c.onehot);
 }
 
-// The gradient of (a slice of) a row of huge logits (row_math.h's huge_row_lse) from the whole row's
+// The gradient of (a slice of) a row of huge logits (row_math.h's huge_z) from the whole row's
 // statistics st (row_stats_accurate), element by element as on the CPU. In place, each element is stored
 // by the thread that read it here and in row_stats_accurate (the same j = tid + k GROUP), so a group needs
 // no barrier before its stores; a cluster, whose blocks read the whole row, synchronises first.
@@ -529,7 +529,7 @@ template <typename T, int GROUP, Load L>
 __device__ __forceinline__ void grad_whole_row(const T* x, T* out, int64_t V, int64_t y, float xy, float lse,
                                                float entropy, float g, float h, float inv_tau, int tid,
                                                ReduceSmem& smem) {
-  if (huge_row_lse(lse) && (g != 0.0f || h != 0.0f)) {
+  if (huge_z(lse) && (g != 0.0f || h != 0.0f)) {
     grad_whole_row_huge<T, GROUP>(x, out, V, y, entropy, g, h, inv_tau, tid, smem);
   } else {
     grad_row<T, GROUP, L>(x, out, V, y, xy, lse, entropy, g, h, inv_tau, tid);
@@ -622,7 +622,7 @@ __global__ void __launch_bounds__(kBlock, grad_min_blocks<T, GROUP>()) shard_gra
     const float lse = m + log_s;
     if (shard_grad_zero(m, log_s, g, h)) {
       grad_row<T, GROUP, Load::kLast>(x, out, V, -1, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, a.inv_tau, tid);  // zeros
-    } else if (huge_row_lse(lse)) {
+    } else if (huge_z(lse)) {
       shard_grad_row_huge<T, GROUP>(x, out, V, y, m, log_s, a.entropy[row], g, h, a.inv_tau, tid);
     } else {
       grad_row<T, GROUP, Load::kLast>(x, out, V, y, xy, lse, a.entropy[row], g, h, a.inv_tau, tid);
@@ -810,7 +810,7 @@ __device__ __forceinline__ void cluster_rows(const FusedPointers& f) {
       const GradFactors gh = fused_grad_factors(f, row, res);
       // a gradient of huge logits (grad_whole_row's condition, uniform over the cluster) needs the
       // statistics of the whole row: every block reduces it again, as grad_kernel does
-      const bool huge = huge_row_lse(res.lse) && (gh.g != 0.0f || gh.h != 0.0f);
+      const bool huge = huge_z(res.lse) && (gh.g != 0.0f || gh.h != 0.0f);
       const SoftmaxStats whole = huge ? row_stats_accurate<T, kBlock>(x, V, a.inv_tau, tid, smem) : softmax_empty();
       if (fabsf(st.mk) >= kHugeLog2 || huge) cluster.sync();
       if (huge) {

@@ -255,8 +255,6 @@ constexpr float kHugeZ = 16777216.0f * 0.6931471805599453f;
 // ordinary path.)
 DK_HD bool huge_z(float z) { return dk_abs(z) >= kHugeZ && dk_abs(z) < INFINITY; }
 
-DK_HD bool huge_row_lse(float lse) { return huge_z(lse); }
-
 // dL/dx_j of one element of such a row, from its raw logit x, the row's statistics m and log s
 // (also every element of a vocabulary shard of such a row: m and log s are then the merged row's)
 DK_HD float huge_logit_grad(float x, bool is_target, float m, float log_s, float entropy, float g, float h,
